@@ -1,0 +1,84 @@
+"""Command-line flags of the ViT fine-tuning example, parsed and checked before anything heavy starts.
+
+The defaults are the settings of the published results table (gemini, batch 32, lr 1e-4, 5 epochs).
+"""
+import argparse
+import os
+
+import torch
+
+PLUGINS = ("torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel")
+CPU_PLUGINS = ("torch_ddp",)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def ratio(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Fine-tune a pretrained ViT on an image classification dataset "
+                                     "through a Colossal-AI Booster.")
+    parser.add_argument("--model_name_or_path", default="google/vit-base-patch16-224",
+                        help="Hugging Face hub id or local directory of a pretrained ViT")
+    parser.add_argument("--dataset", default="beans",
+                        help="Hugging Face hub dataset id, or a local directory laid out as split/label/image "
+                        "(train and validation splits required, test optional)")
+    parser.add_argument("--output_path", default="./output_model",
+                        help="where the fine-tuned model, its image processor and results.json are written")
+    parser.add_argument("--plugin", default="gemini", choices=PLUGINS, help="Colossal-AI booster plugin")
+    parser.add_argument("--num_epoch", type=positive_int, default=5, help="number of training epochs")
+    parser.add_argument("--batch_size", type=positive_int, default=32,
+                        help="training batch size of each data-parallel rank")
+    parser.add_argument("--tp_size", type=positive_int, default=1,
+                        help="tensor-parallel size (hybrid_parallel only)")
+    parser.add_argument("--pp_size", type=positive_int, default=1,
+                        help="pipeline-parallel size (hybrid_parallel only)")
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-4,
+                        help="peak learning rate, applied as given whatever the number of GPUs")
+    parser.add_argument("--warmup_ratio", type=ratio, default=0.3,
+                        help="fraction of the training steps spent warming the learning rate up from 0")
+    parser.add_argument("--weight_decay", type=non_negative_float, default=0.5, help="AdamW weight decay")
+    parser.add_argument("--grad_checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                        help="recompute activations in the backward pass to save memory")
+    parser.add_argument("--seed", type=int, default=42, help="random seed")
+    return parser
+
+
+def parse_demo_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plugin != "hybrid_parallel" and (args.tp_size > 1 or args.pp_size > 1):
+        parser.error(f"--tp_size {args.tp_size} --pp_size {args.pp_size} need --plugin hybrid_parallel "
+                     f"(got --plugin {args.plugin})")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % (args.tp_size * args.pp_size) != 0:
+        parser.error(f"--tp_size {args.tp_size} x --pp_size {args.pp_size} = {args.tp_size * args.pp_size} "
+                     f"does not divide the {world_size} launched processes; launch a multiple of it")
+    if args.plugin not in CPU_PLUGINS and not torch.cuda.is_available():
+        parser.error(f"--plugin {args.plugin} needs a CUDA GPU and none is available; "
+                     f"on the CPU use --plugin {' or '.join(CPU_PLUGINS)}")
+    return args

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Fine-tunes a pretrained ViT on the beans dataset with the published settings, then evaluates and saves it.
+# Every variable below can be overridden from the environment: BS=16 LR=2e-4 bash run_finetuning.sh
+# Extra arguments go to vit_train_demo.py as they are: bash run_finetuning.sh --grad_checkpoint
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL=${MODEL:-google/vit-base-patch16-224}  # hub id or local directory of a pretrained ViT
+DATASET=${DATASET:-beans}                    # hub id or local directory laid out as split/label/image
+OUTPUT_PATH=${OUTPUT_PATH:-./output_model}   # fine-tuned model, image processor and results.json
+PLUGIN=${PLUGIN:-gemini}                     # torch_ddp, torch_ddp_fp16, low_level_zero, gemini or hybrid_parallel
+TP_SIZE=${TP_SIZE:-1}                        # tensor-parallel size (hybrid_parallel only)
+PP_SIZE=${PP_SIZE:-1}                        # pipeline-parallel size (hybrid_parallel only)
+GPUNUM=${GPUNUM:-1}                          # processes (GPUs) on this node
+BS=${BS:-32}                                 # training batch size of each data-parallel rank
+LR=${LR:-1e-4}                               # peak learning rate, used as given whatever GPUNUM is
+EPOCH=${EPOCH:-5}
+WEIGHT_DECAY=${WEIGHT_DECAY:-0.5}
+WARMUP_RATIO=${WARMUP_RATIO:-0.3}            # fraction of the steps spent warming the learning rate up
+SEED=${SEED:-42}
+MASTER_PORT=${MASTER_PORT:-29500}            # rendezvous port; change it to run two jobs on one machine
+
+if ! command -v colossalai >/dev/null; then
+  echo "colossalai is not installed: run 'pip install -r requirements.txt' first" >&2
+  exit 1
+fi
+if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  [ "$PLUGIN" = torch_ddp ] || echo "No CUDA GPU found: running torch_ddp on the CPU instead of $PLUGIN."
+  PLUGIN=torch_ddp
+fi
+
+colossalai run --nproc_per_node "$GPUNUM" --master_port "$MASTER_PORT" vit_train_demo.py \
+  --model_name_or_path "$MODEL" \
+  --dataset "$DATASET" \
+  --output_path "$OUTPUT_PATH" \
+  --plugin "$PLUGIN" \
+  --tp_size "$TP_SIZE" \
+  --pp_size "$PP_SIZE" \
+  --batch_size "$BS" \
+  --learning_rate "$LR" \
+  --num_epoch "$EPOCH" \
+  --weight_decay "$WEIGHT_DECAY" \
+  --warmup_ratio "$WARMUP_RATIO" \
+  --seed "$SEED" \
+  "$@"

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from args import parse_demo_args
+
+
+def parse_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_demo_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_defaults_are_the_published_settings():
+    args = parse_demo_args(["--plugin", "torch_ddp"])
+    assert (args.batch_size, args.learning_rate, args.num_epoch) == (32, 1e-4, 5)
+    assert (args.weight_decay, args.warmup_ratio, args.grad_checkpoint) == (0.5, 0.3, False)
+    assert (args.dataset, args.model_name_or_path) == ("beans", "google/vit-base-patch16-224")
+
+
+def test_grad_checkpoint_is_a_real_switch():
+    assert parse_demo_args(["--plugin", "torch_ddp", "--grad_checkpoint"]).grad_checkpoint is True
+    assert parse_demo_args(["--plugin", "torch_ddp", "--no-grad_checkpoint"]).grad_checkpoint is False
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--batch_size", "0"], "--batch_size"),
+    (["--num_epoch", "-1"], "--num_epoch"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio"),
+    (["--learning_rate", "0"], "--learning_rate"),
+    (["--weight_decay", "-0.1"], "--weight_decay"),
+    (["--batch_size", "many"], "--batch_size"),
+    (["--plugin", "deepspeed"], "--plugin"),
+    (["--tp_size", "2"], "--tp_size"),
+])
+def test_out_of_range_values_stop_with_an_argparse_error(capsys, argv, named):
+    plugin = [] if "--plugin" in argv else ["--plugin", "torch_ddp"]
+    message = parse_error(capsys, plugin + argv)
+    assert "error:" in message and named in message
+
+
+def test_tp_times_pp_must_divide_the_process_count(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    message = parse_error(capsys, ["--plugin", "hybrid_parallel", "--tp_size", "2", "--pp_size", "2"])
+    assert "does not divide the 6 launched processes" in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
+@pytest.mark.parametrize("plugin", ["torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel"])
+def test_gpu_plugin_on_cpu_names_the_plugin_that_runs(capsys, plugin):
+    message = parse_error(capsys, ["--plugin", plugin])
+    assert f"--plugin {plugin} needs a CUDA GPU" in message and "use --plugin torch_ddp" in message

@@ -1,0 +1,68 @@
+"""End to end through run_finetuning.sh on the CPU: 2 torch_ddp processes, real beans, pretrained DeiT-tiny."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from colossalai.testing import free_port
+from transformers import pipeline
+
+from conftest import BEANS_DIR, LABELS, MODEL_DIR, ROOT, copy_beans
+
+
+def run_finetuning(output_path, **variables):
+    env = {**os.environ, "MODEL": str(MODEL_DIR), "OUTPUT_PATH": str(output_path), "MASTER_PORT": str(free_port()),
+           **{name: str(value) for name, value in variables.items()}}
+    run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=1800)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return run, json.loads((output_path / "results.json").read_text())
+
+
+def check_schema(results, num_epoch):
+    assert set(results) == {"config", "epochs", "test", "train_images_per_second", "wall_seconds"}
+    assert [epoch["epoch"] for epoch in results["epochs"]] == list(range(1, num_epoch + 1))
+    for epoch in results["epochs"]:
+        assert set(epoch) == {"epoch", "train_loss", "validation"} and epoch["train_loss"] > 0
+        assert set(epoch["validation"]) == {"loss", "accuracy", "num_examples"}
+    assert results["train_images_per_second"] > 0 and results["wall_seconds"] > 0
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    output_path = tmp_path_factory.mktemp("two_process_run") / "model"
+    # One epoch over all 1034 training images (global batch 2 x 16); a shorter warm-up suits one epoch.
+    run, results = run_finetuning(output_path, PLUGIN="torch_ddp", GPUNUM=2, DATASET=BEANS_DIR, EPOCH=1, BS=16,
+                                  LR=3e-4, WARMUP_RATIO=0.1)
+    return output_path, results
+
+
+def test_one_epoch_on_two_processes_learns_beans(two_process_run):
+    _, results = two_process_run
+    check_schema(results, num_epoch=1)
+    assert results["config"]["world_size"] == 2 and results["config"]["label_names"] == LABELS
+    validation = results["epochs"][-1]["validation"]
+    assert validation["num_examples"] == 133 and validation["accuracy"] >= 0.85
+    assert results["test"]["num_examples"] == 128 and results["test"]["accuracy"] >= 0.85
+
+
+def test_saved_model_reloads_through_pipeline_and_classifies_the_test_split(two_process_run):
+    output_path, results = two_process_run
+    classifier = pipeline("image-classification", model=str(output_path), device="cpu")
+    images = sorted((BEANS_DIR / "test").glob("*/*.jpg"))
+    predictions = classifier([str(image) for image in images], top_k=1, batch_size=32)
+    assert {prediction[0]["label"] for prediction in predictions} <= set(LABELS)
+    correct = sum(prediction[0]["label"] == image.parent.name for prediction, image in zip(predictions, images))
+    # the reloaded model gives the accuracy measured during training, up to a borderline image or two
+    assert abs(correct / len(images) - results["test"]["accuracy"]) <= 2 / len(images)
+
+
+def test_dataset_without_test_split_skips_the_test_evaluation(tmp_path):
+    small_beans = copy_beans(tmp_path / "beans", per_label=4, splits=("train", "validation"))
+    run, results = run_finetuning(tmp_path / "model", DATASET=small_beans, GPUNUM=1, EPOCH=1, BS=4)
+    assert f"dataset {small_beans} has no test split: skipping the test evaluation" in run.stdout
+    assert results["test"] is None and results["epochs"][0]["validation"]["num_examples"] == 12
+    check_schema(results, num_epoch=1)
+    if not torch.cuda.is_available():
+        assert "No CUDA GPU found: running torch_ddp on the CPU instead of gemini." in run.stdout
