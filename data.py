@@ -16,8 +16,8 @@ from torch.utils.data import TensorDataset
 REQUIRED_SPLITS = ("train", "validation")
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used, with a message naming what is wrong and where."""
+class InputError(ValueError):
+    """A dataset, model or path given by the user that cannot be used; the message names it and the fix."""
 
 
 def looks_like_path(dataset):
@@ -29,21 +29,21 @@ def load_splits(dataset):
     if looks_like_path(dataset):
         path = os.path.expanduser(dataset)
         if not os.path.isdir(path):
-            raise DataError(f"dataset directory {dataset} does not exist; pass a hub id such as beans, "
+            raise InputError(f"dataset directory {dataset} does not exist; pass a hub id such as beans, "
                             "or a directory laid out as split/label/image")
         try:
             splits = load_dataset("imagefolder", data_dir=path)
         except FileNotFoundError as error:
-            raise DataError(f"no images found under {dataset} ({error}); lay it out as split/label/image") from None
+            raise InputError(f"no images found under {dataset} ({error}); lay it out as split/label/image") from None
     else:
         try:
             splits = load_dataset(dataset)
         except Exception as error:  # offline, unknown id, gated: all end the same way for the user
-            raise DataError(f"cannot load dataset '{dataset}' from the Hugging Face hub ({type(error).__name__}: "
+            raise InputError(f"cannot load dataset '{dataset}' from the Hugging Face hub ({type(error).__name__}: "
                             f"{error}); offline, pass a local copy: --dataset /path/to/split/label/images") from None
     for name in REQUIRED_SPLITS:
         if name not in splits or len(splits[name]) == 0:
-            raise DataError(f"dataset {dataset} has no {name} split (found: {', '.join(splits) or 'none'}); "
+            raise InputError(f"dataset {dataset} has no {name} split (found: {', '.join(splits) or 'none'}); "
                             f"put its images in {name}/<label>/")
     return DatasetDict({name: standardise_columns(split, dataset, name) for name, split in splits.items()})
 
@@ -52,7 +52,7 @@ def standardise_columns(split, dataset, split_name):
     label_columns = [name for name, feature in split.features.items() if isinstance(feature, ClassLabel)]
     image_columns = [name for name, feature in split.features.items() if isinstance(feature, ImageFeature)]
     if len(label_columns) != 1 or len(image_columns) != 1:
-        raise DataError(f"{split_name} split of {dataset} needs one image column and one class-label column, "
+        raise InputError(f"{split_name} split of {dataset} needs one image column and one class-label column, "
                         f"found features {dict(split.features)}")
     split = split.select_columns([image_columns[0], label_columns[0]])
     split = split.rename_columns({image_columns[0]: "image", label_columns[0]: "labels"})
@@ -68,11 +68,11 @@ def label_names(splits, dataset):
         if present != in_train:
             extra = sorted(names[i] for i in present - in_train)
             missing = sorted(names[i] for i in in_train - present)
-            raise DataError(f"the {split_name} split of {dataset} has other labels than train "
+            raise InputError(f"the {split_name} split of {dataset} has other labels than train "
                             f"(only in {split_name}: {extra or 'none'}; missing from {split_name}: {missing or 'none'}); "
                             "every split needs the same label folders, each with images")
     if len(in_train) < len(names):
-        raise DataError(f"dataset {dataset} declares labels {names} but train has images of only "
+        raise InputError(f"dataset {dataset} declares labels {names} but train has images of only "
                         f"{sorted(names[i] for i in in_train)}")
     return names
 
@@ -84,7 +84,7 @@ def open_rgb(image):
         with Image.open(source) as picture:
             return ImageOps.exif_transpose(picture).convert("RGB")
     except (OSError, ValueError) as error:
-        raise DataError(f"cannot read image {image['path']}: {error}") from None
+        raise InputError(f"cannot read image {image['path']}: {error}") from None
 
 
 def to_tensors(split, image_processor, chunk_size=64):

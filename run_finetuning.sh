@@ -26,7 +26,7 @@ if ! command -v colossalai >/dev/null; then
 fi
 if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   [ "$PLUGIN" = torch_ddp ] || echo "No CUDA GPU found: running torch_ddp on the CPU instead of $PLUGIN."
-  PLUGIN=torch_ddp
+  PLUGIN=torch_ddp TP_SIZE=1 PP_SIZE=1
 fi
 
 colossalai run --nproc_per_node "$GPUNUM" --master_port "$MASTER_PORT" vit_train_demo.py \

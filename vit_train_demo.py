@@ -24,7 +24,10 @@ from colossalai.nn.lr_scheduler import CosineAnnealingWarmupLR
 from colossalai.nn.optimizer import HybridAdam
 
 from args import parse_demo_args
-from data import DataError, label_names, load_splits, to_tensors
+from data import InputError, label_names, load_splits, to_tensors
+
+SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": "29500"}
 
 
 def build_plugin(args):
@@ -46,7 +49,7 @@ def load_model(model_name_or_path, names):
             label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True)
     except OSError as error:
         first_line = str(error).splitlines()[0]
-        raise DataError(f"cannot load model '{model_name_or_path}' ({first_line}); "
+        raise InputError(f"cannot load model '{model_name_or_path}' ({first_line}); "
                         "offline, pass a local copy: --model_name_or_path /path/to/model") from None
     return image_processor, model
 
@@ -142,6 +145,8 @@ def evaluate(model, dataset, booster, topology, device, batch_size):
 def main():
     start = time.perf_counter()
     args = parse_demo_args()
+    for name, value in SINGLE_PROCESS_ENV.items():  # so that plain `python vit_train_demo.py` runs too
+        os.environ.setdefault(name, value)
     accelerator = get_accelerator()
     colossalai.launch_from_torch(backend=accelerator.communication_backend, seed=args.seed, verbose=False)
     device = accelerator.get_current_device()
@@ -152,9 +157,9 @@ def main():
     try:
         os.makedirs(args.output_path, exist_ok=True)
     except OSError as error:
-        raise DataError(f"cannot create --output_path {args.output_path}: {error.strerror}") from None
+        raise InputError(f"cannot create --output_path {args.output_path}: {error.strerror}") from None
     if not os.access(args.output_path, os.W_OK):
-        raise DataError(f"--output_path {args.output_path} is not writable; pass a directory you can write to")
+        raise InputError(f"--output_path {args.output_path} is not writable; pass a directory you can write to")
 
     splits = load_splits(args.dataset)
     names = label_names(splits, args.dataset)
@@ -170,7 +175,7 @@ def main():
     train_dataloader = plugin.prepare_dataloader(tensors["train"], batch_size=args.batch_size, shuffle=True,
                                                  drop_last=True, seed=args.seed)
     if len(train_dataloader) == 0:
-        raise DataError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger than "
+        raise InputError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger than "
                         f"the {len(tensors['train'])} training images; lower --batch_size")
     optimizer_class = HybridAdam if torch.cuda.is_available() else torch.optim.AdamW
     optimizer = optimizer_class(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -217,5 +222,7 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except DataError as error:
-        sys.exit(f"error: {error}")
+    except InputError as error:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

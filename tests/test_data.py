@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from conftest import BEANS_DIR, LABELS, MODEL_DIR, copy_beans
-from data import DataError, label_names, load_splits, standardise_columns, to_tensors
+from data import InputError, label_names, load_splits, standardise_columns, to_tensors
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +58,20 @@ def test_any_image_mode_becomes_rgb(tmp_path, image_processor, mode):
 
 
 def test_missing_dataset_directory_is_named():
-    with pytest.raises(DataError, match="dataset directory ./no/such/beans does not exist"):
+    with pytest.raises(InputError, match="dataset directory ./no/such/beans does not exist"):
         load_splits("./no/such/beans")
 
 
 def test_unreachable_hub_dataset_says_how_to_run_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
-    with pytest.raises(DataError, match="cannot load dataset 'beans' from the Hugging Face hub.*--dataset"):
+    with pytest.raises(InputError, match="cannot load dataset 'beans' from the Hugging Face hub.*--dataset"):
         load_splits("beans")
 
 
 def test_missing_validation_split_is_named(tmp_path):
     beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "test"))
-    with pytest.raises(DataError, match=f"dataset {beans} has no validation split"):
+    with pytest.raises(InputError, match=f"dataset {beans} has no validation split"):
         load_splits(str(beans))
 
 
@@ -79,13 +79,13 @@ def test_empty_train_split_is_named(tmp_path):
     beans = copy_beans(tmp_path / "beans", per_label=2, splits=("validation",))
     for label in LABELS:
         (beans / "train" / label).mkdir(parents=True)
-    with pytest.raises(DataError, match="has no train split"):
+    with pytest.raises(InputError, match="has no train split"):
         load_splits(str(beans))
 
 
 def test_directory_without_images_is_named(tmp_path):
     (tmp_path / "beans" / "train").mkdir(parents=True)
-    with pytest.raises(DataError, match=f"no images found under {tmp_path / 'beans'}"):
+    with pytest.raises(InputError, match=f"no images found under {tmp_path / 'beans'}"):
         load_splits(str(tmp_path / "beans"))
 
 
@@ -93,12 +93,12 @@ def test_corrupt_image_is_named(tmp_path, image_processor):
     beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "validation"))
     broken = sorted((beans / "train" / "bean_rust").iterdir())[0]
     broken.write_bytes(broken.read_bytes()[:200])
-    with pytest.raises(DataError, match=f"cannot read image {broken}"):
+    with pytest.raises(InputError, match=f"cannot read image {broken}"):
         to_tensors(load_splits(str(beans))["train"], image_processor)
 
 
 def test_label_sets_that_differ_across_splits_are_named(tmp_path):
     beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "validation"))
     shutil.copytree(beans / "validation" / "healthy", beans / "validation" / "mosaic_virus")
-    with pytest.raises(DataError, match=r"validation split .*only in validation: \['mosaic_virus'\]"):
+    with pytest.raises(InputError, match=r"validation split .*only in validation: \['mosaic_virus'\]"):
         label_names(load_splits(str(beans)), str(beans))

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,15 +48,20 @@ def test_one_epoch_on_two_processes_learns_beans(two_process_run):
     assert results["test"]["num_examples"] == 128 and results["test"]["accuracy"] >= 0.85
 
 
-def test_saved_model_reloads_through_pipeline_and_classifies_the_test_split(two_process_run):
-    output_path, results = two_process_run
-    classifier = pipeline("image-classification", model=str(output_path), device="cpu")
+def check_pipeline_classifies_test_split(output_path, results, device):
+    """The saved model reloads through `pipeline` and gives the test accuracy measured during training, up to a
+    borderline image or two."""
+    classifier = pipeline("image-classification", model=str(output_path), device=device)
     images = sorted((BEANS_DIR / "test").glob("*/*.jpg"))
     predictions = classifier([str(image) for image in images], top_k=1, batch_size=32)
     assert {prediction[0]["label"] for prediction in predictions} <= set(LABELS)
     correct = sum(prediction[0]["label"] == image.parent.name for prediction, image in zip(predictions, images))
-    # the reloaded model gives the accuracy measured during training, up to a borderline image or two
     assert abs(correct / len(images) - results["test"]["accuracy"]) <= 2 / len(images)
+
+
+def test_saved_model_reloads_through_pipeline_and_classifies_the_test_split(two_process_run):
+    output_path, results = two_process_run
+    check_pipeline_classifies_test_split(output_path, results, device="cpu")
 
 
 def test_dataset_without_test_split_skips_the_test_evaluation(tmp_path):
@@ -66,3 +72,20 @@ def test_dataset_without_test_split_skips_the_test_evaluation(tmp_path):
     check_schema(results, num_epoch=1)
     if not torch.cuda.is_available():
         assert "No CUDA GPU found: running torch_ddp on the CPU instead of gemini." in run.stdout
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--dataset", "/no/such/beans", "error: dataset directory /no/such/beans does not exist"),
+    ("--model_name_or_path", "/no/such/model", "error: cannot load model '/no/such/model'"),
+    ("--output_path", "/proc/results", "error: cannot create --output_path /proc/results"),
+])
+def test_bad_input_stops_with_one_line_naming_it(tmp_path, flag, value, message):
+    paths = {"--dataset": str(BEANS_DIR), "--model_name_or_path": str(MODEL_DIR),
+             "--output_path": str(tmp_path / "model"), flag: value}
+    run = subprocess.run([sys.executable, "vit_train_demo.py", "--plugin", "torch_ddp",
+                          *[item for pair in paths.items() for item in pair]],
+                         cwd=ROOT, env={**os.environ, "MASTER_PORT": str(free_port())}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(message) and "Traceback" not in run.stderr
