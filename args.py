@@ -18,9 +18,16 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text}")
+    return value
+
+
 def positive_float(text):
     value = float(text)
-    if not value > 0:
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value
 
@@ -65,6 +72,14 @@ def build_parser():
     parser.add_argument("--grad_checkpoint", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in the backward pass to save memory")
     parser.add_argument("--seed", type=int, default=42, help="random seed")
+    parser.add_argument("--save_every", type=non_negative_int, default=0,
+                        help="also checkpoint every this many steps (0: only at the end of each epoch)")
+    parser.add_argument("--keep_checkpoints", type=non_negative_int, default=1,
+                        help="how many of the newest checkpoints to keep under output_path/checkpoints "
+                        "(0: write none)")
+    parser.add_argument("--resume_from", default=None,
+                        help="checkpoint folder to continue from, or 'latest' for the newest one under "
+                        "output_path/checkpoints (starts afresh if there is none)")
     return parser
 
 

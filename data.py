@@ -10,14 +10,16 @@ import torch
 from datasets import ClassLabel, DatasetDict
 from datasets import Image as ImageFeature
 from datasets import load_dataset
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image, ImageOps
 from torch.utils.data import TensorDataset
 
 REQUIRED_SPLITS = ("train", "validation")
 
 
-class InputError(ValueError):
-    """A dataset, model or path given by the user that cannot be used; the message names it and the fix."""
+class RunError(Exception):
+    """A run that cannot go on (a bad dataset, model or path, a full disk, a diverged loss): the one-line message
+    names what is wrong and the fix."""
 
 
 def looks_like_path(dataset):
@@ -29,30 +31,52 @@ def load_splits(dataset):
     if looks_like_path(dataset):
         path = os.path.expanduser(dataset)
         if not os.path.isdir(path):
-            raise InputError(f"dataset directory {dataset} does not exist; pass a hub id such as beans, "
-                            "or a directory laid out as split/label/image")
+            raise RunError(f"dataset directory {dataset} does not exist; pass a hub id such as beans, "
+                           "or a directory laid out as split/label/image")
+        check_layout(path)
         try:
             splits = load_dataset("imagefolder", data_dir=path)
         except FileNotFoundError as error:
-            raise InputError(f"no images found under {dataset} ({error}); lay it out as split/label/image") from None
+            raise RunError(f"no images found under {dataset} ({error}); lay it out as split/label/image") from None
     else:
         try:
             splits = load_dataset(dataset)
         except Exception as error:  # offline, unknown id, gated: all end the same way for the user
-            raise InputError(f"cannot load dataset '{dataset}' from the Hugging Face hub ({type(error).__name__}: "
+            raise RunError(f"cannot load dataset '{dataset}' from the Hugging Face hub ({type(error).__name__}: "
                             f"{error}); offline, pass a local copy: --dataset /path/to/split/label/images") from None
     for name in REQUIRED_SPLITS:
         if name not in splits or len(splits[name]) == 0:
-            raise InputError(f"dataset {dataset} has no {name} split (found: {', '.join(splits) or 'none'}); "
+            raise RunError(f"dataset {dataset} has no {name} split (found: {', '.join(splits) or 'none'}); "
                             f"put its images in {name}/<label>/")
     return DatasetDict({name: standardise_columns(split, dataset, name) for name, split in splits.items()})
+
+
+def visible_entries(directory):
+    return sorted((entry for entry in os.scandir(directory) if not entry.name.startswith(".")), key=lambda e: e.name)
+
+
+def check_layout(path):
+    """Refuses what the image-folder loader would otherwise drop without a word: files beside the label folders,
+    empty label folders, and files that are not images."""
+    for split in visible_entries(path):
+        if not split.is_dir():
+            continue  # a LICENSE or README beside the split folders is fine
+        for label in visible_entries(split.path):
+            if not label.is_dir():
+                raise RunError(f"stray file {label.path}: images go in {split.name}/<label>/; move or delete it")
+            files = visible_entries(label.path)
+            if not files:
+                raise RunError(f"label folder {label.path} is empty; add its images or remove the folder")
+            for file in files:
+                if os.path.splitext(file.name)[1].lower() not in ImageFolder.EXTENSIONS:
+                    raise RunError(f"{file.path} is not an image file (by its extension); move or delete it")
 
 
 def standardise_columns(split, dataset, split_name):
     label_columns = [name for name, feature in split.features.items() if isinstance(feature, ClassLabel)]
     image_columns = [name for name, feature in split.features.items() if isinstance(feature, ImageFeature)]
     if len(label_columns) != 1 or len(image_columns) != 1:
-        raise InputError(f"{split_name} split of {dataset} needs one image column and one class-label column, "
+        raise RunError(f"{split_name} split of {dataset} needs one image column and one class-label column, "
                         f"found features {dict(split.features)}")
     split = split.select_columns([image_columns[0], label_columns[0]])
     split = split.rename_columns({image_columns[0]: "image", label_columns[0]: "labels"})
@@ -68,11 +92,11 @@ def label_names(splits, dataset):
         if present != in_train:
             extra = sorted(names[i] for i in present - in_train)
             missing = sorted(names[i] for i in in_train - present)
-            raise InputError(f"the {split_name} split of {dataset} has other labels than train "
+            raise RunError(f"the {split_name} split of {dataset} has other labels than train "
                             f"(only in {split_name}: {extra or 'none'}; missing from {split_name}: {missing or 'none'}); "
                             "every split needs the same label folders, each with images")
     if len(in_train) < len(names):
-        raise InputError(f"dataset {dataset} declares labels {names} but train has images of only "
+        raise RunError(f"dataset {dataset} declares labels {names} but train has images of only "
                         f"{sorted(names[i] for i in in_train)}")
     return names
 
@@ -83,8 +107,8 @@ def open_rgb(image):
     try:
         with Image.open(source) as picture:
             return ImageOps.exif_transpose(picture).convert("RGB")
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot read image {image['path']}: {error}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise RunError(f"cannot read image {image['path']}: {error}") from None
 
 
 def to_tensors(split, image_processor, chunk_size=64):

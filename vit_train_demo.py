@@ -7,12 +7,14 @@ import math
 import os
 import sys
 import time
+from functools import partial
+from itertools import islice
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 from transformers import AutoImageProcessor, ViTForImageClassification
 
@@ -23,8 +25,9 @@ from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLev
 from colossalai.nn.lr_scheduler import CosineAnnealingWarmupLR
 from colossalai.nn.optimizer import HybridAdam
 
+import checkpoint
 from args import parse_demo_args
-from data import InputError, label_names, load_splits, to_tensors
+from data import RunError, label_names, load_splits, to_tensors
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": "29500"}
@@ -49,7 +52,7 @@ def load_model(model_name_or_path, names):
             label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True)
     except OSError as error:
         first_line = str(error).splitlines()[0]
-        raise InputError(f"cannot load model '{model_name_or_path}' ({first_line}); "
+        raise RunError(f"cannot load model '{model_name_or_path}' ({first_line}); "
                         "offline, pass a local copy: --model_name_or_path /path/to/model") from None
     return image_processor, model
 
@@ -94,24 +97,34 @@ def sum_over_ranks(values, device):
     return totals.tolist()
 
 
-def train_epoch(epoch, model, optimizer, lr_scheduler, dataloader, booster, topology, device):
+def train_epoch(model, optimizer, lr_scheduler, dataloader, booster, topology, device, progress, save_every,
+                save_checkpoint):
+    """Trains from step `progress["step_in_epoch"]` to the end of the epoch, updating `progress` as it goes."""
     model.train()
-    loss_sum, images, start = 0.0, 0, time.perf_counter()
-    with tqdm(dataloader, desc=f"epoch {epoch + 1}", disable=not topology.reports, dynamic_ncols=True) as bar:
+    remaining = islice(dataloader, progress["step_in_epoch"], None)
+    with tqdm(remaining, total=len(dataloader), initial=progress["step_in_epoch"], desc=f"epoch {progress['epoch'] + 1}",
+              disable=not topology.reports, dynamic_ncols=True) as bar:
         for pixel_values, labels in bar:
+            step_start = time.perf_counter()
             batch = {"pixel_values": pixel_values.to(device), "labels": labels.to(device)}
             loss, _ = forward_backward(model, batch, booster, topology, optimizer)
             optimizer.step()
             optimizer.zero_grad()
             lr_scheduler.step()
-            images += len(labels) * topology.dp_size
-            if topology.holds_output:
-                loss_sum += loss.item()
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}",
-                                img_per_s=f"{images / (time.perf_counter() - start):.1f}")
-    seconds = time.perf_counter() - start
-    loss_total, loss_count = sum_over_ranks([loss_sum, len(dataloader) * topology.holds_output], device)
-    return loss_total / loss_count, images, seconds
+            progress["step_in_epoch"] += 1
+            progress["global_step"] += 1
+            progress["images_trained"] += len(labels) * topology.dp_size
+            loss_value = loss.item() if topology.holds_output else 0.0  # .item() waits for the step to finish
+            progress["train_seconds"] += time.perf_counter() - step_start
+            if not math.isfinite(loss_value):
+                raise RunError(f"training loss is {loss_value} at step {progress['global_step']} (epoch "
+                               f"{progress['epoch'] + 1}); lower --learning_rate or check the data")
+            progress["epoch_loss_sum"] += loss_value
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}",
+                            img_per_s=f"{progress['images_trained'] / progress['train_seconds']:.1f}")
+            # the last step of an epoch is saved after the evaluation, with the epoch's results
+            if save_every and progress["global_step"] % save_every == 0 and progress["step_in_epoch"] < len(dataloader):
+                save_checkpoint(progress)
 
 
 @torch.no_grad()
@@ -157,9 +170,10 @@ def main():
     try:
         os.makedirs(args.output_path, exist_ok=True)
     except OSError as error:
-        raise InputError(f"cannot create --output_path {args.output_path}: {error.strerror}") from None
+        raise RunError(f"cannot create --output_path {args.output_path}: {error.strerror}") from None
     if not os.access(args.output_path, os.W_OK):
-        raise InputError(f"--output_path {args.output_path} is not writable; pass a directory you can write to")
+        raise RunError(f"--output_path {args.output_path} is not writable; pass a directory you can write to")
+    resume_from = args.resume_from and checkpoint.resolve_resume(args.resume_from, args.output_path)
 
     splits = load_splits(args.dataset)
     names = label_names(splits, args.dataset)
@@ -173,10 +187,11 @@ def main():
     plugin = build_plugin(args)
     topology = Topology(plugin)
     train_dataloader = plugin.prepare_dataloader(tensors["train"], batch_size=args.batch_size, shuffle=True,
-                                                 drop_last=True, seed=args.seed)
+                                                 drop_last=True, distributed_sampler_cls=partial(DistributedSampler,
+                                                                                                 seed=args.seed))
     if len(train_dataloader) == 0:
-        raise InputError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger than "
-                        f"the {len(tensors['train'])} training images; lower --batch_size")
+        raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger than "
+                       f"the {len(tensors['train'])} training images; lower --batch_size")
     optimizer_class = HybridAdam if torch.cuda.is_available() else torch.optim.AdamW
     optimizer = optimizer_class(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     total_steps = len(train_dataloader) * args.num_epoch
@@ -186,43 +201,62 @@ def main():
     model, optimizer, _, train_dataloader, lr_scheduler = booster.boost(
         model, optimizer, dataloader=train_dataloader, lr_scheduler=lr_scheduler)
 
-    epochs, images_trained, train_seconds = [], 0, 0.0
-    for epoch in range(args.num_epoch):
+    def save_checkpoint(progress):
+        if args.keep_checkpoints:
+            checkpoint.save_checkpoint(booster, model, optimizer, lr_scheduler, progress, args.output_path,
+                                       args.keep_checkpoints)
+
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0, "epochs": [],
+                "images_trained": 0, "train_seconds": 0.0}
+    if resume_from:
+        progress = checkpoint.load_checkpoint(booster, model, optimizer, lr_scheduler, resume_from)
+        if is_master:
+            print(f"resuming from {resume_from}: epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']} "
+                  f"of {len(train_dataloader)}")
+    elif args.resume_from and is_master:
+        print(f"no checkpoint under {checkpoint.checkpoint_root(args.output_path)} yet: starting from scratch")
+
+    for epoch in range(progress["epoch"], args.num_epoch):
         train_dataloader.sampler.set_epoch(epoch)
-        train_loss, images, seconds = train_epoch(epoch, model, optimizer, lr_scheduler, train_dataloader,
-                                                  booster, topology, device)
-        images_trained, train_seconds = images_trained + images, train_seconds + seconds
+        train_epoch(model, optimizer, lr_scheduler, train_dataloader, booster, topology, device, progress,
+                    args.save_every, save_checkpoint)
+        loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
+                                               len(train_dataloader) * topology.holds_output], device)
         validation = evaluate(model, tensors["validation"], booster, topology, device, args.batch_size)
-        epochs.append({"epoch": epoch + 1, "train_loss": train_loss, "validation": validation})
+        progress["epochs"].append({"epoch": epoch + 1, "train_loss": loss_sum / loss_count, "validation": validation})
+        progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
         if topology.reports:
-            print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation loss {validation['loss']:.4f}, "
-                  f"accuracy {validation['accuracy']:.4f} on {validation['num_examples']} images")
+            print(f"epoch {epoch + 1}: train loss {loss_sum / loss_count:.4f}, validation loss "
+                  f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on "
+                  f"{validation['num_examples']} images")
+        save_checkpoint(progress)
     test = evaluate(model, tensors["test"], booster, topology, device, args.batch_size) if "test" in tensors else None
     if test and topology.reports:
         print(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['num_examples']} images")
 
-    booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
-    if is_master:
-        image_processor.save_pretrained(args.output_path)
+    with checkpoint.write_errors_named(args.output_path):
+        booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
+        if is_master:
+            image_processor.save_pretrained(args.output_path)
+        if topology.reports:
+            results = {
+                "config": {**vars(args), "world_size": dist.get_world_size(), "data_parallel_size": topology.dp_size,
+                           "device": str(device), "label_names": names,
+                           "num_train_examples": len(tensors["train"])},
+                "epochs": progress["epochs"],
+                "test": test,
+                "train_images_per_second": progress["images_trained"] / progress["train_seconds"],
+                "wall_seconds": time.perf_counter() - start,
+            }
+            with open(os.path.join(args.output_path, "results.json"), "w") as file:
+                json.dump(results, file, indent=2)
     if topology.reports:
-        results = {
-            "config": {**vars(args), "world_size": dist.get_world_size(), "data_parallel_size": topology.dp_size,
-                       "device": str(device), "label_names": names,
-                       "num_train_examples": len(tensors["train"])},
-            "epochs": epochs,
-            "test": test,
-            "train_images_per_second": images_trained / train_seconds,
-            "wall_seconds": time.perf_counter() - start,
-        }
-        with open(os.path.join(args.output_path, "results.json"), "w") as file:
-            json.dump(results, file, indent=2)
         print(f"saved the fine-tuned model and results.json to {args.output_path}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except InputError as error:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {error}", file=sys.stderr)
+    except RunError as error:  # every rank says it: a diverged loss may show on one rank only
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

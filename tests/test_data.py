@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from conftest import BEANS_DIR, LABELS, MODEL_DIR, copy_beans
-from data import InputError, label_names, load_splits, standardise_columns, to_tensors
+from data import RunError, label_names, load_splits, standardise_columns, to_tensors
 
 
 @pytest.fixture(scope="module")
@@ -58,47 +58,91 @@ def test_any_image_mode_becomes_rgb(tmp_path, image_processor, mode):
 
 
 def test_missing_dataset_directory_is_named():
-    with pytest.raises(InputError, match="dataset directory ./no/such/beans does not exist"):
+    with pytest.raises(RunError, match="dataset directory ./no/such/beans does not exist"):
         load_splits("./no/such/beans")
 
 
 def test_unreachable_hub_dataset_says_how_to_run_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
-    with pytest.raises(InputError, match="cannot load dataset 'beans' from the Hugging Face hub.*--dataset"):
+    with pytest.raises(RunError, match="cannot load dataset 'beans' from the Hugging Face hub.*--dataset"):
         load_splits("beans")
 
 
 def test_missing_validation_split_is_named(tmp_path):
     beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "test"))
-    with pytest.raises(InputError, match=f"dataset {beans} has no validation split"):
+    with pytest.raises(RunError, match=f"dataset {beans} has no validation split"):
         load_splits(str(beans))
 
 
 def test_empty_train_split_is_named(tmp_path):
     beans = copy_beans(tmp_path / "beans", per_label=2, splits=("validation",))
-    for label in LABELS:
-        (beans / "train" / label).mkdir(parents=True)
-    with pytest.raises(InputError, match="has no train split"):
+    (beans / "train").mkdir()
+    with pytest.raises(RunError, match="has no train split"):
+        load_splits(str(beans))
+
+
+def test_empty_label_folder_is_named(tmp_path):
+    beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "validation"))
+    (beans / "validation" / "mosaic_virus").mkdir()
+    with pytest.raises(RunError, match=f"label folder {beans / 'validation' / 'mosaic_virus'} is empty"):
+        load_splits(str(beans))
+
+
+def test_stray_file_at_the_split_level_is_named(tmp_path):
+    beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "validation"))
+    shutil.copy(next((beans / "train" / "healthy").iterdir()), beans / "train" / "leaf.jpg")
+    with pytest.raises(RunError, match=f"stray file {beans / 'train' / 'leaf.jpg'}: images go in train/<label>/"):
+        load_splits(str(beans))
+
+
+def test_file_that_is_not_an_image_is_named(tmp_path):
+    beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "validation"))
+    (beans / "train" / "healthy" / "notes.txt").write_text("picked on Monday")
+    with pytest.raises(RunError, match=f"{beans / 'train' / 'healthy' / 'notes.txt'} is not an image file"):
         load_splits(str(beans))
 
 
 def test_directory_without_images_is_named(tmp_path):
     (tmp_path / "beans" / "train").mkdir(parents=True)
-    with pytest.raises(InputError, match=f"no images found under {tmp_path / 'beans'}"):
+    with pytest.raises(RunError, match=f"no images found under {tmp_path / 'beans'}"):
         load_splits(str(tmp_path / "beans"))
 
 
-def test_corrupt_image_is_named(tmp_path, image_processor):
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
+def test_unreadable_image_is_named(tmp_path, image_processor, damage):
     beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "validation"))
     broken = sorted((beans / "train" / "bean_rust").iterdir())[0]
-    broken.write_bytes(broken.read_bytes()[:200])
-    with pytest.raises(InputError, match=f"cannot read image {broken}"):
+    content = broken.read_bytes()
+    broken.write_bytes(content[:len(content) // 2] if damage == "truncated" else b"<html>not a picture</html>")
+    with pytest.raises(RunError, match=f"cannot read image {broken}"):
         to_tensors(load_splits(str(beans))["train"], image_processor)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10000, 10000)])
+def test_tiny_and_huge_images_are_resized(tmp_path, image_processor, size):
+    beans = copy_beans(tmp_path / "beans", per_label=1, splits=("train", "validation"))
+    Image.new("RGB", size, (40, 160, 60)).save(beans / "train" / "healthy" / "odd_size.jpg")
+    pixel_values, _ = to_tensors(load_splits(str(beans))["train"], image_processor).tensors
+    assert pixel_values.shape == (4, 3, 224, 224) and torch.isfinite(pixel_values).all()
+
+
+def test_exif_rotated_photo_is_turned_upright(tmp_path, image_processor):
+    beans = copy_beans(tmp_path / "beans", per_label=1, splits=("train", "validation"))
+    original_path = next((beans / "train" / "healthy").iterdir())
+    upright = Image.open(original_path).convert("RGB")
+    original_path.unlink()
+    upright.save(beans / "train" / "healthy" / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored pixels must be turned 90 degrees clockwise to be upright
+    upright.transpose(Image.Transpose.ROTATE_90).save(beans / "train" / "healthy" / "rotated.png", exif=exif)
+    pixel_values, labels = to_tensors(load_splits(str(beans))["train"], image_processor).tensors
+    healthy = pixel_values[labels == 2]
+    assert len(healthy) == 2 and torch.equal(healthy[0], healthy[1])
 
 
 def test_label_sets_that_differ_across_splits_are_named(tmp_path):
     beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "validation"))
     shutil.copytree(beans / "validation" / "healthy", beans / "validation" / "mosaic_virus")
-    with pytest.raises(InputError, match=r"validation split .*only in validation: \['mosaic_virus'\]"):
+    with pytest.raises(RunError, match=r"validation split .*only in validation: \['mosaic_virus'\]"):
         label_names(load_splits(str(beans)), str(beans))

@@ -1,0 +1,144 @@
+"""Interruption and failure on the CPU: 2 torch_ddp processes through run_finetuning.sh on a small real-beans copy.
+
+36 training images, batch 3 per rank: 6 steps an epoch, 2 epochs, a checkpoint every 2 steps and at epoch ends.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from colossalai.testing import free_port
+
+from conftest import MODEL_DIR, ROOT, copy_beans
+
+SETTINGS = {"PLUGIN": "torch_ddp", "GPUNUM": 2, "BS": 3, "EPOCH": 2, "LR": 1e-4, "WARMUP_RATIO": 0.1,
+            "SAVE_EVERY": 2, "KEEP_CHECKPOINTS": 3}
+
+
+def start_run(dataset, output_path, **overrides):
+    env = {**os.environ, "MODEL": str(MODEL_DIR), "DATASET": str(dataset), "OUTPUT_PATH": str(output_path),
+           "MASTER_PORT": str(free_port()), **{name: str(value) for name, value in {**SETTINGS, **overrides}.items()}}
+    return subprocess.Popen(["bash", "run_finetuning.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=600):
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def run_to_end(dataset, output_path, **overrides):
+    returncode, output = finish(start_run(dataset, output_path, **overrides))
+    assert returncode == 0, output[-4000:]
+    return output, json.loads((output_path / "results.json").read_text())
+
+
+def metrics(results):
+    return {"epochs": results["epochs"], "test": results["test"]}
+
+
+def wait_for(path_matches, process, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = path_matches()
+        if found:
+            return found
+        assert process.poll() is None, "the run ended before the awaited checkpoint appeared"
+        time.sleep(0.002)
+    raise TimeoutError("checkpoint did not appear")
+
+
+def kill_job(process):
+    """SIGKILL to the launcher and every process under it (torchrun starts each rank in a session of its own)."""
+    launcher = psutil.Process(process.pid)
+    for member in [launcher, *launcher.children(recursive=True)]:
+        member.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return copy_beans(tmp_path_factory.mktemp("data") / "beans", per_label=12)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    output_path = tmp_path_factory.mktemp("uninterrupted") / "model"
+    return run_to_end(dataset, output_path)[1]
+
+
+def test_two_runs_with_the_same_seed_give_identical_metrics(dataset, tmp_path, uninterrupted):
+    _, again = run_to_end(dataset, tmp_path / "model")
+    assert metrics(again) == metrics(uninterrupted)
+    assert again["epochs"][-1]["validation"]["num_examples"] == 36
+
+
+def test_killed_mid_epoch_then_resumed_ends_like_an_uninterrupted_run(dataset, tmp_path, uninterrupted):
+    output_path = tmp_path / "model"
+    process = start_run(dataset, output_path)
+    step_2 = output_path / "checkpoints" / "step_0000002"
+    wait_for(step_2.exists, process)
+    kill_job(process)  # during step 3 or 4 of the first epoch's 6
+    assert not (output_path / "results.json").exists()
+    output, resumed = run_to_end(dataset, output_path, RESUME="latest")
+    assert f"resuming from {step_2}: epoch 1, step 2 of 6" in output
+    assert metrics(resumed) == metrics(uninterrupted)
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(dataset, tmp_path, uninterrupted):
+    output_path = tmp_path / "model"
+    checkpoints = output_path / "checkpoints"
+    process = start_run(dataset, output_path)
+    wait_for((checkpoints / "step_0000002").exists, process)
+    wait_for(lambda: list(checkpoints.glob("step_0000004.partial/*")), process)
+    kill_job(process)
+    assert (checkpoints / "step_0000004.partial").exists() and not (checkpoints / "step_0000004").exists()
+    output, resumed = run_to_end(dataset, output_path, RESUME="latest")
+    assert f"resuming from {checkpoints / 'step_0000002'}: epoch 1, step 2 of 6" in output
+    assert metrics(resumed) == metrics(uninterrupted)
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_0000008", "step_0000010", "step_0000012"]
+
+
+def test_one_rank_dying_ends_the_whole_job_quickly_and_non_zero(dataset, tmp_path):
+    process = start_run(dataset, tmp_path / "model")
+    wait_for((tmp_path / "model" / "checkpoints" / "step_0000002").exists, process)
+    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
+               if "vit_train_demo.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == "1"]
+    assert len(workers) == 1
+    killed_at = time.monotonic()
+    workers[0].kill()
+    returncode, output = finish(process, timeout=120)
+    assert returncode != 0 and time.monotonic() - killed_at < 60
+    assert "Signal 9 (SIGKILL) received" in output or "exitcode  : -9" in output
+
+
+def test_non_finite_loss_stops_the_run_with_its_step(dataset, tmp_path):
+    # after one step at this rate the weights are ~1e30 and the next forward pass overflows
+    returncode, output = finish(start_run(dataset, tmp_path / "model", LR=1e30, WARMUP_RATIO=0))
+    assert returncode != 0
+    assert "error: training loss is nan at step 2 (epoch 1); lower --learning_rate or check the data" in output
+
+
+def test_resume_from_a_folder_that_is_no_checkpoint_is_named(dataset, tmp_path):
+    returncode, output = finish(start_run(dataset, tmp_path / "model", RESUME=tmp_path))
+    assert returncode != 0
+    assert f"error: --resume_from {tmp_path} is not a complete checkpoint" in output
+
+
+def test_full_disk_is_reported_with_the_path(dataset, tmp_path):
+    # a 20 MB file system of our own (a private mount namespace): the first checkpoint, ~66 MB, does not fit
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    output_path = mount_point / "model"
+    command = (f"mount -t tmpfs -o size=20m tmpfs {mount_point} && exec {sys.executable} vit_train_demo.py "
+               f"--plugin torch_ddp --dataset {dataset} --model_name_or_path {MODEL_DIR} --output_path {output_path} "
+               "--num_epoch 1 --batch_size 6")
+    run = subprocess.run(["unshare", "--mount", "sh", "-c", command], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "MASTER_PORT": str(free_port())}, timeout=300)
+    assert run.returncode == 1
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: cannot write {output_path}/checkpoints/step_0000006.partial: ")
+    assert "No space left on device" in last_line and "Traceback" not in run.stderr
