@@ -2,14 +2,17 @@
 
 Skipped without a CUDA GPU. GPU_RESULTS_DIR, if set, receives each run's results.json as <plugin>.json.
 """
+import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import BEANS_DIR
 from test_end_to_end import check_pipeline_classifies_test_split, check_schema, run_finetuning
+from test_reliability import kill_job, metrics, run_to_end, start_run, wait_for
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -27,3 +30,26 @@ def test_plugin_reaches_published_accuracy_on_one_gpu(tmp_path, plugin):
     assert validation["num_examples"] == 133 and validation["accuracy"] >= 0.96
     assert results["test"]["num_examples"] == 128
     check_pipeline_classifies_test_split(output_path, results, device=0)
+
+
+@pytest.mark.parametrize("plugin", ["gemini", "low_level_zero"])
+def test_sharded_plugin_resumes_after_a_kill(tmp_path, plugin):
+    settings = {"PLUGIN": plugin, "GPUNUM": 1, "BS": 32, "LR": 1e-4, "EPOCH": 2, "WARMUP_RATIO": 0.3,
+                "WEIGHT_DECAY": 0.5, "SAVE_EVERY": 10, "KEEP_CHECKPOINTS": 2}
+    _, uninterrupted = run_to_end(BEANS_DIR, tmp_path / "uninterrupted", **settings)
+    output_path = tmp_path / "interrupted"
+    process = start_run(BEANS_DIR, output_path, **settings)
+    step_10 = output_path / "checkpoints" / "step_0000010"
+    wait_for(step_10.exists, process)
+    kill_job(process)
+    output, resumed = run_to_end(BEANS_DIR, output_path, RESUME="latest", **settings)
+    assert f"resuming from {step_10}: epoch 1, step 10 of 32" in output
+    if os.environ.get("GPU_RESULTS_DIR"):
+        (Path(os.environ["GPU_RESULTS_DIR"]) / f"resume_{plugin}.json").write_text(
+            json.dumps({"uninterrupted": metrics(uninterrupted), "resumed": metrics(resumed)}))
+    # gemini resumes bit for bit; low_level_zero rebuilds its fp32 master weights from the saved fp16 model, so it
+    # resumes within fp16 rounding: the losses must land where the uninterrupted run's did
+    for before, after in zip(uninterrupted["epochs"], resumed["epochs"]):
+        assert after["train_loss"] == pytest.approx(before["train_loss"], rel=0.05)
+        assert after["validation"]["loss"] == pytest.approx(before["validation"]["loss"], rel=0.05)
+    assert resumed["epochs"][-1]["validation"]["accuracy"] >= 0.94
