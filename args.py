@@ -69,6 +69,10 @@ def build_parser():
     parser.add_argument("--warmup_ratio", type=ratio, default=0.3,
                         help="fraction of the training steps spent warming the learning rate up from 0")
     parser.add_argument("--weight_decay", type=non_negative_float, default=0.5, help="AdamW weight decay")
+    parser.add_argument("--label_smoothing", type=ratio, default=0.0,
+                        help="label smoothing of the training loss, in [0, 1)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                        help="random resized crop (50-100%% of the area) and horizontal flip of the training images")
     parser.add_argument("--grad_checkpoint", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in the backward pass to save memory")
     parser.add_argument("--seed", type=int, default=42, help="random seed")

@@ -4,6 +4,7 @@ Every image is decoded, converted to RGB and run through the model's image proce
 beans is small enough to keep in memory, so no epoch pays for JPEG decoding again.
 """
 import io
+import math
 import os
 
 import torch
@@ -12,6 +13,7 @@ from datasets import Image as ImageFeature
 from datasets import load_dataset
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image, ImageOps
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 REQUIRED_SPLITS = ("train", "validation")
@@ -118,3 +120,20 @@ def to_tensors(split, image_processor, chunk_size=64):
         images = [open_rgb(image) for image in split[start:start + chunk_size]["image"]]
         pixel_values.append(torch.from_numpy(image_processor(images, return_tensors="np")["pixel_values"]))
     return TensorDataset(torch.cat(pixel_values), torch.tensor(split["labels"], dtype=torch.long))
+
+
+def random_resized_crop_and_flip(pixel_values, min_area=0.5, max_aspect=4 / 3):
+    """A random crop of each image (min_area to all of it, aspect ratio up to max_aspect either way), resized back
+    to full size and flipped left-right half of the time: one batched resampling on the batch's own device."""
+    count, device = len(pixel_values), pixel_values.device
+    area = torch.empty(count, device=device).uniform_(min_area, 1.0)
+    aspect = torch.empty(count, device=device).uniform_(-math.log(max_aspect), math.log(max_aspect)).exp()
+    width, height = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
+    flip = torch.where(torch.rand(count, device=device) < 0.5, -1.0, 1.0)
+    # affine_grid works in [-1, 1] coordinates: scale to the crop's size, shift its centre anywhere it still fits
+    theta = torch.zeros(count, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 1, 1] = width * flip, height
+    theta[:, 0, 2] = (torch.rand(count, device=device) * 2 - 1) * (1 - width)
+    theta[:, 1, 2] = (torch.rand(count, device=device) * 2 - 1) * (1 - height)
+    grid = F.affine_grid(theta, list(pixel_values.shape), align_corners=False)
+    return F.grid_sample(pixel_values, grid.to(pixel_values.dtype), mode="bilinear", align_corners=False)

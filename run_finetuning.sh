@@ -18,6 +18,8 @@ EPOCH=${EPOCH:-5}
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.5}
 WARMUP_RATIO=${WARMUP_RATIO:-0.3}            # fraction of the steps spent warming the learning rate up
 SEED=${SEED:-42}
+AUGMENT=${AUGMENT:-0}                        # 1: random resized crop and flip of the training images
+LABEL_SMOOTHING=${LABEL_SMOOTHING:-0}        # label smoothing of the training loss, in [0, 1)
 SAVE_EVERY=${SAVE_EVERY:-0}                  # checkpoint every this many steps too (0: at epoch ends only)
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-1}      # newest checkpoints kept in OUTPUT_PATH/checkpoints (0: none)
 RESUME=${RESUME:-}                           # 'latest' or a checkpoint folder to continue from
@@ -45,6 +47,8 @@ colossalai run --nproc_per_node "$GPUNUM" --master_port "$MASTER_PORT" vit_train
   --weight_decay "$WEIGHT_DECAY" \
   --warmup_ratio "$WARMUP_RATIO" \
   --seed "$SEED" \
+  --label_smoothing "$LABEL_SMOOTHING" \
+  $([ "$AUGMENT" = 1 ] && echo --augment || echo --no-augment) \
   --save_every "$SAVE_EVERY" \
   --keep_checkpoints "$KEEP_CHECKPOINTS" \
   ${RESUME:+--resume_from "$RESUME"} \

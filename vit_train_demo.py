@@ -27,7 +27,7 @@ from colossalai.nn.optimizer import HybridAdam
 
 import checkpoint
 from args import parse_demo_args
-from data import RunError, label_names, load_splits, to_tensors
+from data import RunError, label_names, load_splits, random_resized_crop_and_flip, to_tensors
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": "29500"}
@@ -72,23 +72,20 @@ class Topology:
         self.reports = self.holds_output and self.dp_rank == 0
 
 
-def loss_of_outputs(outputs, inputs):
-    return outputs.loss
-
-
-def forward_backward(model, batch, booster, topology, optimizer=None):
+def forward_backward(model, batch, booster, topology, criterion, optimizer=None):
     """Runs one batch forward (and backward when given an optimizer); returns loss and logits, or None, None on a
     pipeline stage that does not hold the outputs."""
     if topology.pipeline:
-        result = booster.execute_pipeline(iter([batch]), model, loss_of_outputs, optimizer,
+        result = booster.execute_pipeline(iter([batch]), model, criterion, optimizer,
                                           return_loss=True, return_outputs=True)
         if not topology.holds_output:
             return None, None
         return result["loss"], result["outputs"]["logits"]
-    outputs = model(**batch)
+    outputs = model(pixel_values=batch["pixel_values"])
+    loss = criterion(outputs, batch)
     if optimizer is not None:
-        booster.backward(outputs.loss, optimizer)
-    return outputs.loss, outputs.logits
+        booster.backward(loss, optimizer)
+    return loss, outputs.logits
 
 
 def sum_over_ranks(values, device):
@@ -97,8 +94,8 @@ def sum_over_ranks(values, device):
     return totals.tolist()
 
 
-def train_epoch(model, optimizer, lr_scheduler, dataloader, booster, topology, device, progress, save_every,
-                save_checkpoint):
+def train_epoch(model, optimizer, lr_scheduler, dataloader, booster, topology, device, criterion, augment, progress,
+                save_every, save_checkpoint):
     """Trains from step `progress["step_in_epoch"]` to the end of the epoch, updating `progress` as it goes."""
     model.train()
     remaining = islice(dataloader, progress["step_in_epoch"], None)
@@ -106,8 +103,10 @@ def train_epoch(model, optimizer, lr_scheduler, dataloader, booster, topology, d
               disable=not topology.reports, dynamic_ncols=True) as bar:
         for pixel_values, labels in bar:
             step_start = time.perf_counter()
-            batch = {"pixel_values": pixel_values.to(device), "labels": labels.to(device)}
-            loss, _ = forward_backward(model, batch, booster, topology, optimizer)
+            pixel_values = pixel_values.to(device)
+            batch = {"pixel_values": random_resized_crop_and_flip(pixel_values) if augment else pixel_values,
+                     "labels": labels.to(device)}
+            loss, _ = forward_backward(model, batch, booster, topology, criterion, optimizer)
             optimizer.step()
             optimizer.zero_grad()
             lr_scheduler.step()
@@ -128,8 +127,9 @@ def train_epoch(model, optimizer, lr_scheduler, dataloader, booster, topology, d
 
 
 @torch.no_grad()
-def evaluate(model, dataset, booster, topology, device, batch_size):
-    """Loss and accuracy over every image of `dataset`, each counted exactly once across the data-parallel ranks.
+def evaluate(model, dataset, booster, topology, device, batch_size, names):
+    """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix over every image of `dataset`, each
+    counted exactly once across the data-parallel ranks.
 
     Every rank gets the same number of batches of the same sizes (the last rank pads its shard with copies that
     are not counted), because ZeRO and Gemini gather parameters collectively inside each forward pass.
@@ -141,18 +141,37 @@ def evaluate(model, dataset, booster, topology, device, batch_size):
     counted = index < len(labels)
     index = index.clamp(max=len(labels) - 1)
     shard = TensorDataset(pixel_values[index], labels[index], counted)
-    loss_sum = correct = count = 0.0
+    num_labels = len(names)
+    confusion = torch.zeros(num_labels * num_labels, dtype=torch.float64, device=device)  # row: label, column: guess
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     for shard_pixels, shard_labels, shard_counted in DataLoader(shard, batch_size=batch_size):
         batch = {"pixel_values": shard_pixels.to(device), "labels": shard_labels.to(device)}
-        _, logits = forward_backward(model, batch, booster, topology)
+        _, logits = forward_backward(model, batch, booster, topology, plain_cross_entropy)
         if topology.holds_output:
             keep = shard_counted.to(device)
-            losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-            loss_sum += losses[keep].sum().item()
-            correct += (logits.argmax(dim=-1) == batch["labels"])[keep].sum().item()
-            count += keep.sum().item()
-    loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count], device)
-    return {"loss": loss_sum / count, "accuracy": correct / count, "num_examples": int(count)}
+            kept_labels, kept_logits = batch["labels"][keep], logits[keep].float()
+            loss_sum += F.cross_entropy(kept_logits, kept_labels, reduction="sum")
+            confusion += torch.bincount(kept_labels * num_labels + kept_logits.argmax(dim=-1),
+                                        minlength=num_labels * num_labels)
+    dist.all_reduce(confusion)
+    dist.all_reduce(loss_sum)
+    return classification_metrics(confusion.view(num_labels, num_labels).long().cpu(), loss_sum.item(), names)
+
+
+def classification_metrics(confusion, loss_sum, names):
+    count = confusion.sum().item()
+    true_positives = confusion.diag().double()
+    precision = true_positives / confusion.sum(dim=0).clamp(min=1)
+    recall = true_positives / confusion.sum(dim=1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    per_class = {name: {"precision": precision[i].item(), "recall": recall[i].item(), "f1": f1[i].item(),
+                        "support": int(confusion[i].sum())} for i, name in enumerate(names)}
+    return {"loss": loss_sum / count, "accuracy": true_positives.sum().item() / count, "num_examples": int(count),
+            "per_class": per_class, "confusion_matrix": confusion.tolist()}
+
+
+def plain_cross_entropy(outputs, inputs):
+    return F.cross_entropy(outputs.logits.float(), inputs["labels"])
 
 
 def main():
@@ -216,23 +235,32 @@ def main():
     elif args.resume_from and is_master:
         print(f"no checkpoint under {checkpoint.checkpoint_root(args.output_path)} yet: starting from scratch")
 
+    def criterion(outputs, inputs):
+        return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
+
     for epoch in range(progress["epoch"], args.num_epoch):
         train_dataloader.sampler.set_epoch(epoch)
-        train_epoch(model, optimizer, lr_scheduler, train_dataloader, booster, topology, device, progress,
-                    args.save_every, save_checkpoint)
+        train_epoch(model, optimizer, lr_scheduler, train_dataloader, booster, topology, device, criterion,
+                    args.augment, progress, args.save_every, save_checkpoint)
         loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
                                                len(train_dataloader) * topology.holds_output], device)
-        validation = evaluate(model, tensors["validation"], booster, topology, device, args.batch_size)
-        progress["epochs"].append({"epoch": epoch + 1, "train_loss": loss_sum / loss_count, "validation": validation})
+        results = {"epoch": epoch + 1, "train_loss": loss_sum / loss_count}
+        for split in ("validation", "test"):
+            if split in tensors:
+                results[split] = evaluate(model, tensors[split], booster, topology, device, args.batch_size, names)
+        progress["epochs"].append(results)
         progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
         if topology.reports:
-            print(f"epoch {epoch + 1}: train loss {loss_sum / loss_count:.4f}, validation loss "
-                  f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on "
-                  f"{validation['num_examples']} images")
+            print(f"epoch {epoch + 1}: train loss {results['train_loss']:.4f}, validation loss "
+                  f"{results['validation']['loss']:.4f}, accuracy {results['validation']['accuracy']:.4f} on "
+                  f"{results['validation']['num_examples']} images")
         save_checkpoint(progress)
-    test = evaluate(model, tensors["test"], booster, topology, device, args.batch_size) if "test" in tensors else None
-    if test and topology.reports:
-        print(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['num_examples']} images")
+    final = progress["epochs"][-1]
+    # the best epoch is chosen on validation accuracy alone (then loss); its test figures are reported beside it
+    best = max(progress["epochs"], key=lambda epoch: (epoch["validation"]["accuracy"], -epoch["validation"]["loss"]))
+    if "test" in final and topology.reports:
+        print(f"test: loss {final['test']['loss']:.4f}, accuracy {final['test']['accuracy']:.4f} on "
+              f"{final['test']['num_examples']} images")
 
     with checkpoint.write_errors_named(args.output_path):
         booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
@@ -244,7 +272,8 @@ def main():
                            "device": str(device), "label_names": names,
                            "num_train_examples": len(tensors["train"])},
                 "epochs": progress["epochs"],
-                "test": test,
+                "test": final.get("test"),
+                "best_epoch": best,
                 "train_images_per_second": progress["images_trained"] / progress["train_seconds"],
                 "wall_seconds": time.perf_counter() - start,
             }

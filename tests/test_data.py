@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from conftest import BEANS_DIR, LABELS, MODEL_DIR, copy_beans
-from data import RunError, label_names, load_splits, standardise_columns, to_tensors
+from data import RunError, label_names, load_splits, random_resized_crop_and_flip, standardise_columns, to_tensors
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,16 @@ def test_label_sets_that_differ_across_splits_are_named(tmp_path):
     shutil.copytree(beans / "validation" / "healthy", beans / "validation" / "mosaic_virus")
     with pytest.raises(RunError, match=r"validation split .*only in validation: \['mosaic_virus'\]"):
         label_names(load_splits(str(beans)), str(beans))
+
+
+def test_augmentation_crops_and_flips_each_image_on_its_own(image_processor):
+    pixel_values, _ = to_tensors(load_splits(str(BEANS_DIR))["validation"].select(range(16)), image_processor).tensors
+    torch.manual_seed(0)
+    augmented = random_resized_crop_and_flip(pixel_values)
+    assert augmented.shape == pixel_values.shape and torch.isfinite(augmented).all()
+    assert not torch.allclose(augmented, pixel_values)
+    # with the whole area kept at its own aspect ratio, each image comes back as it was or mirrored, chosen per image
+    whole = random_resized_crop_and_flip(pixel_values, min_area=1.0, max_aspect=1.0)
+    same = [torch.allclose(w, p, atol=1e-4) for w, p in zip(whole, pixel_values)]
+    mirrored = [torch.allclose(w, p.flip(-1), atol=1e-4) for w, p in zip(whole, pixel_values)]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)

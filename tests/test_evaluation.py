@@ -21,12 +21,13 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     colossalai.launch(rank=rank, world_size=world_size, host="127.0.0.1", port=port, backend="gloo", seed=0,
                       verbose=False)
     splits = load_splits(str(BEANS_DIR))
-    image_processor, model = load_model(str(MODEL_DIR), label_names(splits, str(BEANS_DIR)))
+    names = label_names(splits, str(BEANS_DIR))
+    image_processor, model = load_model(str(MODEL_DIR), names)
     validation = to_tensors(splits["validation"], image_processor)
     plugin = TorchDDPPlugin()
     booster = Booster(plugin=plugin)
     model, *_ = booster.boost(model)
-    metrics = evaluate(model, validation, booster, Topology(plugin), torch.device("cpu"), batch_size)
+    metrics = evaluate(model, validation, booster, Topology(plugin), torch.device("cpu"), batch_size, names)
     if rank == 0:
         result_file.write_text(json.dumps(metrics))
     dist.destroy_process_group()
@@ -55,5 +56,6 @@ def test_one_process_sees_every_validation_image(one_process):
 def test_ranks_count_each_image_once_and_agree_with_one_process(tmp_path, one_process, world_size, batch_size):
     metrics = run_evaluation(world_size, batch_size, tmp_path)
     assert metrics["num_examples"] == 133
+    assert metrics["confusion_matrix"] == one_process["confusion_matrix"]
     assert metrics["accuracy"] == pytest.approx(one_process["accuracy"], abs=1e-12)
     assert metrics["loss"] == pytest.approx(one_process["loss"], rel=1e-5)
