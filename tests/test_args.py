@@ -15,12 +15,14 @@ def test_defaults_are_the_published_settings():
     args = parse_demo_args(["--plugin", "torch_ddp"])
     assert (args.batch_size, args.learning_rate, args.num_epoch) == (32, 1e-4, 5)
     assert (args.weight_decay, args.warmup_ratio, args.grad_checkpoint) == (0.5, 0.3, False)
+    assert (args.augment, args.label_smoothing) == (True, 0.1)
     assert (args.dataset, args.model_name_or_path) == ("beans", "google/vit-base-patch16-224")
 
 
-def test_grad_checkpoint_is_a_real_switch():
+def test_booleans_are_real_switches():
     assert parse_demo_args(["--plugin", "torch_ddp", "--grad_checkpoint"]).grad_checkpoint is True
     assert parse_demo_args(["--plugin", "torch_ddp", "--no-grad_checkpoint"]).grad_checkpoint is False
+    assert parse_demo_args(["--plugin", "torch_ddp", "--no-augment"]).augment is False
 
 
 @pytest.mark.parametrize("argv, named", [
