@@ -205,9 +205,11 @@ def main():
 
     plugin = build_plugin(args)
     topology = Topology(plugin)
+    # the loader gets a generator of its own: each new iterator draws a seed from it, and drawing from the global
+    # one instead would shift the augmentation's random stream between a resumed run and an uninterrupted one
     train_dataloader = plugin.prepare_dataloader(tensors["train"], batch_size=args.batch_size, shuffle=True,
-                                                 drop_last=True, distributed_sampler_cls=partial(DistributedSampler,
-                                                                                                 seed=args.seed))
+                                                 drop_last=True, generator=torch.Generator().manual_seed(args.seed),
+                                                 distributed_sampler_cls=partial(DistributedSampler, seed=args.seed))
     if len(train_dataloader) == 0:
         raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger than "
                        f"the {len(tensors['train'])} training images; lower --batch_size")
