@@ -246,16 +246,17 @@ def main():
                     args.augment, progress, args.save_every, save_checkpoint)
         loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
                                                len(train_dataloader) * topology.holds_output], device)
-        results = {"epoch": epoch + 1, "train_loss": loss_sum / loss_count}
+        epoch_results = {"epoch": epoch + 1, "train_loss": loss_sum / loss_count}
         for split in ("validation", "test"):
             if split in tensors:
-                results[split] = evaluate(model, tensors[split], booster, topology, device, args.batch_size, names)
-        progress["epochs"].append(results)
+                epoch_results[split] = evaluate(model, tensors[split], booster, topology, device, args.batch_size,
+                                                names)
+        progress["epochs"].append(epoch_results)
         progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
         if topology.reports:
-            print(f"epoch {epoch + 1}: train loss {results['train_loss']:.4f}, validation loss "
-                  f"{results['validation']['loss']:.4f}, accuracy {results['validation']['accuracy']:.4f} on "
-                  f"{results['validation']['num_examples']} images")
+            validation = epoch_results["validation"]
+            print(f"epoch {epoch + 1}: train loss {epoch_results['train_loss']:.4f}, validation loss "
+                  f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on {validation['num_examples']} images")
         save_checkpoint(progress)
     final = progress["epochs"][-1]
     # the best epoch is chosen on validation accuracy alone (then loss); its test figures are reported beside it
