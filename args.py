@@ -10,6 +10,8 @@ import torch
 
 PLUGINS = ("torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel")
 CPU_PLUGINS = ("torch_ddp",)
+PRECISIONS = ("bf16", "fp16", "fp32")
+FP32_PLUGINS = ("torch_ddp", "low_level_zero", "hybrid_parallel")  # gemini keeps its weights in 16 bits
 
 
 def positive_int(text):
@@ -58,6 +60,8 @@ def build_parser():
     parser.add_argument("--output_path", default="./output_model",
                         help="where the fine-tuned model, its image processor and results.json are written")
     parser.add_argument("--plugin", default="gemini", choices=PLUGINS, help="Colossal-AI booster plugin")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="training precision (default: bf16 on a GPU, fp16 for torch_ddp_fp16, fp32 on the CPU)")
     parser.add_argument("--num_epoch", type=positive_int, default=5, help="number of training epochs")
     parser.add_argument("--batch_size", type=positive_int, default=32,
                         help="training batch size of each data-parallel rank")
@@ -101,4 +105,14 @@ def parse_demo_args(argv=None):
     if args.plugin not in CPU_PLUGINS and not torch.cuda.is_available():
         parser.error(f"--plugin {args.plugin} needs a CUDA GPU and none is available; "
                      f"on the CPU use --plugin {' or '.join(CPU_PLUGINS)}")
+    if args.precision is None:
+        args.precision = "fp32" if not torch.cuda.is_available() else "fp16" if args.plugin == "torch_ddp_fp16" else "bf16"
+    if args.plugin == "torch_ddp_fp16" and args.precision != "fp16":
+        parser.error(f"--plugin torch_ddp_fp16 trains in fp16, not --precision {args.precision}; "
+                     f"use --plugin torch_ddp --precision {args.precision}")
+    if args.precision == "fp32" and args.plugin not in FP32_PLUGINS:
+        parser.error(f"--plugin {args.plugin} trains in bf16 or fp16, not --precision fp32")
+    if args.precision != "fp32" and not torch.cuda.is_available():
+        parser.error(f"--precision {args.precision} needs a CUDA GPU and none is available; "
+                     "on the CPU use --precision fp32")
     return args

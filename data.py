@@ -1,7 +1,8 @@
 """Turns an image-classification dataset (a hub id or a local split/label/image folder) into tensors.
 
-Every image is decoded, converted to RGB and run through the model's image processor once, up front:
-beans is small enough to keep in memory, so no epoch pays for JPEG decoding again.
+Every image is decoded, converted to RGB and run through the model's image processor once, up front, and the
+result is kept on the training device: beans (1295 images, 780 MB as float32) is small enough, so no epoch pays for
+JPEG decoding or host-to-device copies again. A dataset too large for that would need a streaming loader instead.
 """
 import io
 import math
@@ -113,13 +114,13 @@ def open_rgb(image):
         raise RunError(f"cannot read image {image['path']}: {error}") from None
 
 
-def to_tensors(split, image_processor, chunk_size=64):
-    """Preprocesses a whole split into a TensorDataset of (pixel_values, labels)."""
+def to_tensors(split, image_processor, device="cpu", chunk_size=64):
+    """Preprocesses a whole split into a TensorDataset of (pixel_values, labels) on `device`."""
     pixel_values = []
     for start in range(0, len(split), chunk_size):
         images = [open_rgb(image) for image in split[start:start + chunk_size]["image"]]
         pixel_values.append(torch.from_numpy(image_processor(images, return_tensors="np")["pixel_values"]))
-    return TensorDataset(torch.cat(pixel_values), torch.tensor(split["labels"], dtype=torch.long))
+    return TensorDataset(torch.cat(pixel_values).to(device), torch.tensor(split["labels"], device=device))
 
 
 def random_resized_crop_and_flip(pixel_values, min_area=0.5, max_aspect=4 / 3):

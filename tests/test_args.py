@@ -52,3 +52,26 @@ def test_tp_times_pp_must_divide_the_process_count(capsys, monkeypatch):
 def test_gpu_plugin_on_cpu_names_the_plugin_that_runs(capsys, plugin):
     message = parse_error(capsys, ["--plugin", plugin])
     assert f"--plugin {plugin} needs a CUDA GPU" in message and "use --plugin torch_ddp" in message
+
+
+def test_precision_defaults_to_bf16_on_a_gpu_and_fp32_on_the_cpu():
+    on_gpu = torch.cuda.is_available()
+    assert parse_demo_args(["--plugin", "torch_ddp"]).precision == ("bf16" if on_gpu else "fp32")
+    if on_gpu:
+        assert parse_demo_args(["--plugin", "torch_ddp_fp16"]).precision == "fp16"
+        assert parse_demo_args(["--plugin", "gemini"]).precision == "bf16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
+def test_half_precision_on_cpu_names_the_fix(capsys):
+    message = parse_error(capsys, ["--plugin", "torch_ddp", "--precision", "bf16"])
+    assert "--precision bf16 needs a CUDA GPU" in message and "use --precision fp32" in message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU plugins are refused earlier on the CPU")
+@pytest.mark.parametrize("argv, message", [
+    (["--plugin", "gemini", "--precision", "fp32"], "--plugin gemini trains in bf16 or fp16"),
+    (["--plugin", "torch_ddp_fp16", "--precision", "bf16"], "use --plugin torch_ddp --precision bf16"),
+])
+def test_precision_a_plugin_cannot_train_in_is_refused(capsys, argv, message):
+    assert message in parse_error(capsys, argv)

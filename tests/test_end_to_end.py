@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 from colossalai.testing import free_port
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import pipeline
 
 from conftest import BEANS_DIR, LABELS, MODEL_DIR, ROOT, copy_beans
@@ -35,18 +37,20 @@ def check_metrics(metrics, num_examples):
 
 
 def check_schema(results, num_epoch, num_validation=133, num_test=128):
-    assert set(results) == {"config", "epochs", "test", "best_epoch", "train_images_per_second", "wall_seconds"}
+    assert set(results) == {"config", "epochs", "test", "best_epoch", "train_images_per_second", "seconds"}
     assert [epoch["epoch"] for epoch in results["epochs"]] == list(range(1, num_epoch + 1))
     for epoch in results["epochs"]:
-        assert set(epoch) == {"epoch", "train_loss", "validation"} | ({"test"} if num_test else set())
-        assert epoch["train_loss"] > 0
+        assert set(epoch) == {"epoch", "train_loss", "data_wait_seconds", "validation"} | ({"test"} if num_test else set())
+        assert epoch["train_loss"] > 0 and 0 <= epoch["data_wait_seconds"]
         check_metrics(epoch["validation"], num_validation)
     if num_test:
         check_metrics(results["test"], num_test)
         assert results["test"] == results["epochs"][-1]["test"]
     best_accuracy = max(epoch["validation"]["accuracy"] for epoch in results["epochs"])
     assert results["best_epoch"] in results["epochs"] and results["best_epoch"]["validation"]["accuracy"] == best_accuracy
-    assert results["train_images_per_second"] > 0 and results["wall_seconds"] > 0
+    seconds = results["seconds"]
+    assert results["train_images_per_second"] > 0 and set(seconds) == {"setup", "train", "data_wait", "evaluation", "total"}
+    assert 0 <= seconds["data_wait"] < seconds["train"] and seconds["setup"] + seconds["train"] < seconds["total"]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +84,60 @@ def check_pipeline_classifies_test_split(output_path, results, device):
 def test_saved_model_reloads_through_pipeline_and_classifies_the_test_split(two_process_run):
     output_path, results = two_process_run
     check_pipeline_classifies_test_split(output_path, results, device="cpu")
+
+
+def test_predict_classifies_the_test_folder_as_training_measured(two_process_run):
+    output_path, results = two_process_run
+    run = subprocess.run([sys.executable, "predict.py", "--model", str(output_path), "--json", "--device", "cpu",
+                          str(BEANS_DIR / "test")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    predictions = json.loads(run.stdout)
+    assert len(predictions) == 128
+    for prediction in predictions:
+        scores = [label["score"] for label in prediction["predictions"]]
+        assert {label["label"] for label in prediction["predictions"]} == set(LABELS)
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1, abs=1e-4)
+    correct = sum(p["predictions"][0]["label"] == os.path.basename(os.path.dirname(p["path"])) for p in predictions)
+    assert abs(correct / 128 - results["test"]["accuracy"]) <= 2 / 128
+
+
+def test_predict_prints_top_k_per_image_and_names_a_bad_one(two_process_run, tmp_path):
+    output_path, _ = two_process_run
+    image = sorted((BEANS_DIR / "test" / "healthy").iterdir())[0]
+    not_an_image = tmp_path / "leaf.jpg"
+    not_an_image.write_text("not a picture")
+    predict = [sys.executable, "predict.py", "--model", str(output_path), "--device", "cpu", "--top_k", "2"]
+    run = subprocess.run([*predict, str(image)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line, = run.stdout.strip().splitlines()
+    assert line.startswith(f"{image}: ") and len(line.split(", ")) == 2
+    for bad, message in ((not_an_image, f"error: cannot read image {not_an_image}"),
+                         (tmp_path / "missing", f"error: {tmp_path / 'missing'} does not exist")):
+        run = subprocess.run([*predict, str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(message)
+    run = subprocess.run([*predict[:2], "--model", str(tmp_path), str(image)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1 and f"error: no fine-tuned model in {tmp_path}" in run.stderr
+
+
+def test_run_leaves_plots_a_model_card_and_tensorboard_logs(two_process_run):
+    output_path, results = two_process_run
+    for name, size in (("training_curves.png", (1000, 400)), ("confusion_matrix.png", (900, 450))):
+        with Image.open(output_path / name) as plot:
+            assert plot.format == "PNG" and plot.size == size
+            assert len(plot.convert("L").getcolors(maxcolors=100000)) > 50  # drawn on, not blank
+    card = (output_path / "README.md").read_text()
+    final = results["epochs"][-1]
+    assert f"| 1 | {final['train_loss']:.4f} | {final['validation']['loss']:.4f} | " in card
+    assert f'pipeline("image-classification", model="{output_path}")' in card
+    events = EventAccumulator(str(output_path / "tensorboard"))
+    events.Reload()
+    steps_per_epoch = 1034 // 32
+    for tag in ("train/loss", "train/learning_rate", "train/images_per_second"):
+        assert [event.step for event in events.Scalars(tag)] == list(range(1, steps_per_epoch + 1))
+    for tag in ("validation/accuracy", "validation/loss", "test/accuracy", "train/data_wait_seconds"):
+        assert [event.step for event in events.Scalars(tag)] == [steps_per_epoch]
+    assert events.Scalars("validation/accuracy")[0].value == pytest.approx(final["validation"]["accuracy"])
 
 
 def test_dataset_without_test_split_skips_the_test_evaluation(tmp_path):

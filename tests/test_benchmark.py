@@ -1,0 +1,27 @@
+"""run_benchmark.sh end to end on the CPU (a tiny ViT): the table and JSON it promises, the reference in the same run."""
+import json
+import os
+import subprocess
+
+import torch
+
+from conftest import ROOT
+
+
+def test_benchmark_times_the_reference_and_the_plugin_in_one_run(tmp_path):
+    output = tmp_path / "benchmark.json"
+    env = {**os.environ, "BATCH_SIZES": "4,8", "STEPS": "2", "WARMUP_STEPS": "1", "OUTPUT": str(output)}
+    if torch.cuda.is_available():
+        env["CONFIGURATIONS"] = "torch,torch_ddp"
+    run = subprocess.run(["bash", "run_benchmark.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = json.loads(output.read_text())
+    rows = [(row["configuration"], row["batch_size_per_gpu"]) for row in table["rows"]]
+    assert rows == [("torch", 4), ("torch_ddp", 4), ("torch", 8), ("torch_ddp", 8)]
+    for row in table["rows"]:
+        assert row["images_per_second"] > 0
+        assert row["images_per_second"] == row["batch_size_per_gpu"] / row["step_ms"] * 1000
+    for reference, plugin in zip(table["rows"][::2], table["rows"][1::2]):
+        assert reference["vs_eager_reference"] == 1
+        assert plugin["vs_eager_reference"] == plugin["images_per_second"] / reference["images_per_second"]
+    assert "| torch_ddp | 1 | 8 |" in run.stdout
