@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every GPU figure of BENCHMARKS.md in one go, on a freshly installed GPU machine: the one-off build of
+# Colossal-AI's fused Adam kernel, end-to-end runs of run_finetuning.sh with the published settings for each plugin
+# (gemini first, as a new user's first run), then the training-step benchmark.
+#   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash run_device_benchmarks.sh
+# Writes LOG_DIR/end_to_end.json, end_to_end.log, benchmark.json and benchmark.log.
+set -euo pipefail
+cd "$(dirname "$0")"
+LOG_DIR=${LOG_DIR:-./benchmark_logs}
+PLUGINS=${PLUGINS:-gemini torch_ddp torch_ddp_fp16 low_level_zero hybrid_parallel}
+GPUNUM=${GPUNUM:-1}
+RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
+mkdir -p "$LOG_DIR"
+
+seconds_of() {  # wall seconds of a command, its output appended to end_to_end.log
+  local start end
+  start=$(date +%s.%N)
+  "$@" >>"$LOG_DIR/end_to_end.log" 2>&1
+  end=$(date +%s.%N)
+  python3 -c "print(round($end - $start, 1))"
+}
+
+echo "kernel build: $(seconds_of python3 -c \
+  'from colossalai.kernel.kernel_loader import FusedOptimizerLoader; FusedOptimizerLoader().load()') s"
+for plugin in $PLUGINS; do
+  wall=$(seconds_of env PLUGIN="$plugin" GPUNUM="$GPUNUM" OUTPUT_PATH="$RUN_ROOT/$plugin" bash run_finetuning.sh)
+  echo "$plugin: $wall s"
+  echo "$plugin $wall" >>"$RUN_ROOT/walls"
+done
+python3 - "$RUN_ROOT" "$LOG_DIR/end_to_end.json" <<'PY'
+import json
+import sys
+
+run_root, summary_path = sys.argv[1:]
+summary = {}
+print("| plugin | GPUs | wall s | setup s | train s | data wait s | evaluation s | validation accuracy | test accuracy |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for line in open(f"{run_root}/walls"):
+    plugin, wall = line.split()
+    results = json.load(open(f"{run_root}/{plugin}/results.json"))
+    summary[plugin] = {"wall_seconds": float(wall), **results}
+    seconds = results["seconds"]
+    print(f"| {plugin} | {results['config']['world_size']} | {wall} | {seconds['setup']:.1f} | {seconds['train']:.1f} | "
+          f"{seconds['data_wait']:.2f} | {seconds['evaluation']:.1f} | "
+          f"{results['epochs'][-1]['validation']['accuracy']:.4f} | {results['test']['accuracy']:.4f} |")
+json.dump(summary, open(summary_path, "w"), indent=2)
+PY
+# with GPUNUM > 1 the benchmark times the plugins alone (its plain-PyTorch references run in one process)
+GPUNUM=$GPUNUM OUTPUT="$LOG_DIR/benchmark.json" bash run_benchmark.sh 2>&1 | tee "$LOG_DIR/benchmark.log" | grep -v Warning

@@ -1,0 +1,38 @@
+"""The GPU count alone changes nothing but speed: 1, 2 and 4 torch_ddp processes on the CPU at the same global
+batch see the same batches in the same order (DistributedSampler deals the one shuffled order out rank by rank), so
+without augmentation they train the same model up to the order of floating-point sums."""
+import pytest
+
+from conftest import copy_beans
+from test_end_to_end import run_finetuning
+
+GLOBAL_BATCH = 12
+
+
+@pytest.fixture(scope="module")
+def small_beans(tmp_path_factory):
+    return copy_beans(tmp_path_factory.mktemp("beans"), per_label=24, splits=("train", "validation"))
+
+
+@pytest.fixture(scope="module")
+def single_process(small_beans, tmp_path_factory):
+    return run_with(1, small_beans, tmp_path_factory.mktemp("processes_1"))
+
+
+def run_with(processes, dataset, output_root):
+    _, results = run_finetuning(output_root / "model", PLUGIN="torch_ddp", GPUNUM=processes, DATASET=dataset,
+                                BS=GLOBAL_BATCH // processes, EPOCH=2, LR=3e-4, WARMUP_RATIO=0.1, AUGMENT=0,
+                                LABEL_SMOOTHING=0, KEEP_CHECKPOINTS=0)
+    return results
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_more_processes_at_the_same_global_batch_train_the_same_model(single_process, small_beans, tmp_path,
+                                                                      processes):
+    results = run_with(processes, small_beans, tmp_path)
+    assert results["config"]["data_parallel_size"] == processes
+    for one, many in zip(single_process["epochs"], results["epochs"]):
+        assert many["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)
+        assert many["validation"]["loss"] == pytest.approx(one["validation"]["loss"], rel=1e-3)
+        assert abs(many["validation"]["accuracy"] - one["validation"]["accuracy"]) <= 1 / 72
+    assert single_process["epochs"][-1]["validation"]["accuracy"] > 0.6  # it learned: chance is 1/3
