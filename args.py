@@ -1,7 +1,8 @@
 """Command-line flags of the ViT fine-tuning example, parsed and checked before anything heavy starts.
 
-The defaults are the settings of the published results table (gemini, batch 32, lr 1e-4, 5 epochs, weight decay 0.5,
-warm-up 0.3), with light augmentation and label smoothing 0.1 on top.
+The defaults start from the settings of the published results table (gemini, batch 32, 5 epochs, weight decay 0.5)
+with a schedule that suits 5 epochs (peak learning rate 3e-4 after a warm-up of 0.1 of the steps, where the table
+has 1e-4 and 0.3), light augmentation and label smoothing 0.1: the README's ablation shows what each bought.
 """
 import argparse
 import os
@@ -69,9 +70,9 @@ def build_parser():
                         help="tensor-parallel size (hybrid_parallel only)")
     parser.add_argument("--pp_size", type=positive_int, default=1,
                         help="pipeline-parallel size (hybrid_parallel only)")
-    parser.add_argument("--learning_rate", type=positive_float, default=1e-4,
+    parser.add_argument("--learning_rate", type=positive_float, default=3e-4,
                         help="peak learning rate, applied as given whatever the number of GPUs")
-    parser.add_argument("--warmup_ratio", type=ratio, default=0.3,
+    parser.add_argument("--warmup_ratio", type=ratio, default=0.1,
                         help="fraction of the training steps spent warming the learning rate up from 0")
     parser.add_argument("--weight_decay", type=non_negative_float, default=0.5, help="AdamW weight decay")
     parser.add_argument("--label_smoothing", type=ratio, default=0.1,

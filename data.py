@@ -7,6 +7,7 @@ JPEG decoding or host-to-device copies again. A dataset too large for that would
 import io
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from datasets import ClassLabel, DatasetDict
@@ -115,11 +116,15 @@ def open_rgb(image):
 
 
 def to_tensors(split, image_processor, device="cpu", chunk_size=64):
-    """Preprocesses a whole split into a TensorDataset of (pixel_values, labels) on `device`."""
-    pixel_values = []
-    for start in range(0, len(split), chunk_size):
+    """Preprocesses a whole split into a TensorDataset of (pixel_values, labels) on `device`.
+
+    Chunks of images are decoded and preprocessed on parallel threads: Pillow and NumPy release the GIL there."""
+    def preprocess(start):
         images = [open_rgb(image) for image in split[start:start + chunk_size]["image"]]
-        pixel_values.append(torch.from_numpy(image_processor(images, return_tensors="np")["pixel_values"]))
+        return torch.from_numpy(image_processor(images, return_tensors="np")["pixel_values"])
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        pixel_values = list(pool.map(preprocess, range(0, len(split), chunk_size)))
     return TensorDataset(torch.cat(pixel_values).to(device), torch.tensor(split["labels"], device=device))
 
 

@@ -59,11 +59,13 @@ def build_booster(model, args, device):
 
 
 def build_optimizer(model, args):
-    """AdamW: PyTorch's fused kernel, or on gemini (which takes Colossal-AI's Adam kernels only) FusedAdam."""
+    """AdamW: on gemini (which takes Colossal-AI's Adam kernels only) FusedAdam, on torch_ddp PyTorch's fused
+    kernel, elsewhere PyTorch's multi-tensor one: Colossal-AI 0.5.0 restores the sharded optimizers' step counts on
+    the CPU, where the fused kernel refuses them when a run resumes."""
     if args.plugin == "gemini":
         return FusedAdam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                             fused=torch.cuda.is_available())
+    fused = torch.cuda.is_available() and args.plugin.startswith("torch_ddp")
+    return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=fused)
 
 
 def load_model(model_name_or_path, names):
@@ -343,6 +345,7 @@ def main():
         print(f"saved the fine-tuned model, results.json, plots and a model card to {args.output_path} "
               f"({seconds['total']:.1f} s: setup {seconds['setup']:.1f}, training {seconds['train']:.1f} of which "
               f"data wait {seconds['data_wait']:.2f}, evaluation {seconds['evaluation']:.1f})")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

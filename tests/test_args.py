@@ -11,10 +11,10 @@ def parse_error(capsys, argv):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_defaults_are_the_published_settings():
+def test_defaults_are_the_published_budget_with_the_ablation_winners():
     args = parse_demo_args(["--plugin", "torch_ddp"])
-    assert (args.batch_size, args.learning_rate, args.num_epoch) == (32, 1e-4, 5)
-    assert (args.weight_decay, args.warmup_ratio, args.grad_checkpoint) == (0.5, 0.3, False)
+    assert (args.batch_size, args.learning_rate, args.num_epoch) == (32, 3e-4, 5)
+    assert (args.weight_decay, args.warmup_ratio, args.grad_checkpoint) == (0.5, 0.1, False)
     assert (args.augment, args.label_smoothing) == (True, 0.1)
     assert (args.dataset, args.model_name_or_path) == ("beans", "google/vit-base-patch16-224")
 

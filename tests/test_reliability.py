@@ -37,7 +37,10 @@ def run_to_end(dataset, output_path, **overrides):
 
 
 def metrics(results):
-    return {"epochs": results["epochs"], "test": results["test"]}
+    """Everything a run measured about the model (its timings left out)."""
+    epochs = [{name: value for name, value in epoch.items() if name != "data_wait_seconds"}
+              for epoch in results["epochs"]]
+    return {"epochs": epochs, "test": results["test"]}
 
 
 def wait_for(path_matches, process, timeout=600):
