@@ -47,9 +47,9 @@ def test_sharded_plugin_resumes_after_a_kill(tmp_path, plugin):
     if os.environ.get("GPU_RESULTS_DIR"):
         (Path(os.environ["GPU_RESULTS_DIR"]) / f"resume_{plugin}.json").write_text(
             json.dumps({"uninterrupted": metrics(uninterrupted), "resumed": metrics(resumed)}))
-    # gemini resumes bit for bit; low_level_zero rebuilds its fp32 master weights from the saved fp16 model, so it
-    # resumes within fp16 rounding: the losses must land where the uninterrupted run's did
-    for before, after in zip(uninterrupted["epochs"], resumed["epochs"]):
-        assert after["train_loss"] == pytest.approx(before["train_loss"], rel=0.05)
-        assert after["validation"]["loss"] == pytest.approx(before["validation"]["loss"], rel=0.05)
-    assert resumed["epochs"][-1]["validation"]["accuracy"] >= 0.94
+    if plugin == "gemini":  # its checkpoint holds the fp32 master weights: the resumed run is the same run
+        assert metrics(resumed) == metrics(uninterrupted)
+    else:  # low_level_zero rebuilds its fp32 master weights from the saved bf16 model, losing what bf16 rounds off
+        final, final_resumed = uninterrupted["epochs"][-1], resumed["epochs"][-1]
+        assert final_resumed["validation"]["loss"] == pytest.approx(final["validation"]["loss"], rel=0.1)
+        assert final_resumed["validation"]["accuracy"] >= 0.94 and resumed["test"]["accuracy"] >= 0.94
