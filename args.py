@@ -107,7 +107,8 @@ def parse_demo_args(argv=None):
         parser.error(f"--plugin {args.plugin} needs a CUDA GPU and none is available; "
                      f"on the CPU use --plugin {' or '.join(CPU_PLUGINS)}")
     if args.precision is None:
-        args.precision = "fp32" if not torch.cuda.is_available() else "fp16" if args.plugin == "torch_ddp_fp16" else "bf16"
+        on_gpu = torch.cuda.is_available()
+        args.precision = "fp16" if args.plugin == "torch_ddp_fp16" else "bf16" if on_gpu else "fp32"
     if args.plugin == "torch_ddp_fp16" and args.precision != "fp16":
         parser.error(f"--plugin torch_ddp_fp16 trains in fp16, not --precision {args.precision}; "
                      f"use --plugin torch_ddp --precision {args.precision}")

@@ -56,6 +56,7 @@ def write_model_card(results, output_path):
     final_split = splits[-1]
     per_class = "\n".join(f"| {name} | {scores['precision']:.4f} | {scores['recall']:.4f} | {scores['f1']:.4f} | "
                           f"{scores['support']} |" for name, scores in epochs[-1][final_split]["per_class"].items())
+    augmentation = "random resized crop + flip" if config["augment"] else "none"
     card = f"""---
 library_name: transformers
 pipeline_tag: image-classification
@@ -78,8 +79,9 @@ Fine-tuned with the Colossal-AI ViT example (`vit_train_demo.py`) to tell apart 
 | plugin, precision | {config['plugin']}, {config['precision']} |
 | processes (data-parallel) | {config['world_size']} ({config['data_parallel_size']}) |
 | epochs, batch per data-parallel rank | {config['num_epoch']}, {config['batch_size']} |
-| peak learning rate, warm-up ratio, weight decay | {config['learning_rate']}, {config['warmup_ratio']}, {config['weight_decay']} |
-| label smoothing, augmentation | {config['label_smoothing']}, {'random resized crop + flip' if config['augment'] else 'none'} |
+| peak learning rate, warm-up ratio | {config['learning_rate']}, {config['warmup_ratio']} |
+| weight decay, label smoothing | {config['weight_decay']}, {config['label_smoothing']} |
+| augmentation | {augmentation} |
 | seed, device | {config['seed']}, {config['device']} |
 
 ## Results

@@ -2,14 +2,15 @@
 # Every GPU figure of BENCHMARKS.md in one go, on a freshly installed GPU machine: the one-off build of
 # Colossal-AI's fused Adam kernel, end-to-end runs of run_finetuning.sh with the published settings for each plugin
 # (gemini first, as a new user's first run), then the training-step benchmark.
-#   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash run_device_benchmarks.sh
-# Writes LOG_DIR/end_to_end.json, end_to_end.log, benchmark.json and benchmark.log.
+#   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash run_device_benchmarks.sh [PART]
+# PART: end_to_end, steps, or both (the default). Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log.
 set -euo pipefail
 cd "$(dirname "$0")"
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
 PLUGINS=${PLUGINS:-gemini torch_ddp torch_ddp_fp16 low_level_zero hybrid_parallel}
 GPUNUM=${GPUNUM:-1}
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
+PART=${1:-both}
 mkdir -p "$LOG_DIR"
 
 seconds_of() {  # wall seconds of a command, its output appended to end_to_end.log
@@ -20,13 +21,14 @@ seconds_of() {  # wall seconds of a command, its output appended to end_to_end.l
   python3 -c "print(round($end - $start, 1))"
 }
 
-echo "kernel build: $(seconds_of python3 -c \
-  'from colossalai.kernel.kernel_loader import FusedOptimizerLoader; FusedOptimizerLoader().load()') s"
-for plugin in $PLUGINS; do
-  wall=$(seconds_of env PLUGIN="$plugin" GPUNUM="$GPUNUM" OUTPUT_PATH="$RUN_ROOT/$plugin" bash run_finetuning.sh)
-  echo "$plugin: $wall s"
-  echo "$plugin $wall" >>"$RUN_ROOT/walls"
-done
+if [ "$PART" != steps ]; then
+  echo "kernel build: $(seconds_of python3 -c \
+    'from colossalai.kernel.kernel_loader import FusedOptimizerLoader; FusedOptimizerLoader().load()') s"
+  for plugin in $PLUGINS; do
+    wall=$(seconds_of env PLUGIN="$plugin" GPUNUM="$GPUNUM" OUTPUT_PATH="$RUN_ROOT/$plugin" bash run_finetuning.sh)
+    echo "$plugin: $wall s"
+    echo "$plugin $wall" >>"$RUN_ROOT/walls"
+  done
 python3 - "$RUN_ROOT" "$LOG_DIR/end_to_end.json" <<'PY'
 import json
 import sys
@@ -45,5 +47,7 @@ for line in open(f"{run_root}/walls"):
           f"{results['epochs'][-1]['validation']['accuracy']:.4f} | {results['test']['accuracy']:.4f} |")
 json.dump(summary, open(summary_path, "w"), indent=2)
 PY
+fi
+[ "$PART" != end_to_end ] || exit 0
 # with GPUNUM > 1 the benchmark times the plugins alone (its plain-PyTorch references run in one process)
 GPUNUM=$GPUNUM OUTPUT="$LOG_DIR/benchmark.json" bash run_benchmark.sh 2>&1 | tee "$LOG_DIR/benchmark.log" | grep -v Warning
