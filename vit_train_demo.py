@@ -345,7 +345,6 @@ def main():
         print(f"saved the fine-tuned model, results.json, plots and a model card to {args.output_path} "
               f"({seconds['total']:.1f} s: setup {seconds['setup']:.1f}, training {seconds['train']:.1f} of which "
               f"data wait {seconds['data_wait']:.2f}, evaluation {seconds['evaluation']:.1f})")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     metrics = evaluate(model, validation, booster, Topology(plugin), torch.device("cpu"), batch_size, names)
     if rank == 0:
         result_file.write_text(json.dumps(metrics))
+    # DDP's reducer must let go of the gloo group before it is destroyed: freed after it, it can deadlock
+    del model
     dist.destroy_process_group()
 
 
