@@ -21,7 +21,8 @@ from colossalai.accelerator import get_accelerator
 from transformers import ViTConfig, ViTForImageClassification
 
 from args import PLUGINS, parse_demo_args
-from vit_train_demo import SINGLE_PROCESS_ENV, Topology, build_booster, build_optimizer, forward_backward
+from vit_train_demo import (SINGLE_PROCESS_ENV, Topology, build_booster, build_optimizer, forward_backward,
+                            plain_cross_entropy)
 
 REFERENCES = ("torch", "torch_compile")
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
@@ -80,12 +81,9 @@ def plugin_step_function(name, args, device):
     model, optimizer, *_ = booster.boost(model, build_optimizer(model, settings))
     model.train()
 
-    def criterion(outputs, inputs):
-        return F.cross_entropy(outputs.logits.float(), inputs["labels"])
-
     def step(pixel_values, labels):
-        forward_backward(model, {"pixel_values": pixel_values, "labels": labels}, booster, topology, criterion,
-                         optimizer)
+        batch = {"pixel_values": pixel_values, "labels": labels}
+        forward_backward(model, batch, booster, topology, plain_cross_entropy, optimizer)
         optimizer.step()
         optimizer.zero_grad()
 
