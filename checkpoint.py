@@ -91,6 +91,11 @@ def load_checkpoint(booster, model, optimizer, lr_scheduler, checkpoint):
                        f"{dist.get_world_size()}; resume with the GPUNUM it was written with")
     booster.load_model(model, os.path.join(checkpoint, "model"))
     booster.load_optimizer(optimizer, os.path.join(checkpoint, "optimizer"))
+    # Colossal-AI 0.5.0 restores the step counts of low_level_zero's and hybrid_parallel's optimizers on the CPU;
+    # PyTorch's fused AdamW takes them only beside their parameters
+    for parameter, parameter_state in optimizer.optim.state.items():
+        if torch.is_tensor(parameter_state.get("step")):
+            parameter_state["step"] = parameter_state["step"].to(parameter.device)
     booster.load_lr_scheduler(lr_scheduler, os.path.join(checkpoint, "lr_scheduler.pt"))
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"] is not None:

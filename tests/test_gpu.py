@@ -32,8 +32,8 @@ def test_plugin_reaches_published_accuracy_on_one_gpu(tmp_path, plugin):
     check_pipeline_classifies_test_split(output_path, results, device=0)
 
 
-@pytest.mark.parametrize("plugin", ["gemini", "low_level_zero"])
-def test_sharded_plugin_resumes_after_a_kill(tmp_path, plugin):
+@pytest.mark.parametrize("plugin", ["gemini", "low_level_zero", "hybrid_parallel"])
+def test_bf16_plugin_resumes_after_a_kill(tmp_path, plugin):
     settings = {"PLUGIN": plugin, "GPUNUM": 1, "BS": 32, "LR": 1e-4, "EPOCH": 2, "WARMUP_RATIO": 0.3,
                 "WEIGHT_DECAY": 0.5, "SAVE_EVERY": 10, "KEEP_CHECKPOINTS": 2}
     _, uninterrupted = run_to_end(BEANS_DIR, tmp_path / "uninterrupted", **settings)
@@ -49,7 +49,7 @@ def test_sharded_plugin_resumes_after_a_kill(tmp_path, plugin):
             json.dumps({"uninterrupted": metrics(uninterrupted), "resumed": metrics(resumed)}))
     if plugin == "gemini":  # its checkpoint holds the fp32 master weights: the resumed run is the same run
         assert metrics(resumed) == metrics(uninterrupted)
-    else:  # low_level_zero rebuilds its fp32 master weights from the saved bf16 model, losing what bf16 rounds off
+    else:  # the others rebuild their fp32 master weights from the saved bf16 model, losing what bf16 rounds off
         final, final_resumed = uninterrupted["epochs"][-1], resumed["epochs"][-1]
         assert final_resumed["validation"]["loss"] == pytest.approx(final["validation"]["loss"], rel=0.1)
         assert final_resumed["validation"]["accuracy"] >= 0.94 and resumed["test"]["accuracy"] >= 0.94
