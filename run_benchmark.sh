@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Times training steps of ViT-B/16 for each plugin and for plain PyTorch (eager and compiled) in one run, and
 # prints the table (also written to OUTPUT). Variables can be overridden: BATCH_SIZES=128 bash run_benchmark.sh
+# CONFIGURATIONS may also name torch_compile_max_autotune (about 4 minutes of autotuning for ViT-B/16).
 # Without a GPU it times a tiny ViT on the CPU (torch and torch_ddp only), which checks the script, not the speed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,6 +12,7 @@ GPUNUM=${GPUNUM:-1}                 # >1 times the plugins data-parallel over GP
 STEPS=${STEPS:-30}                  # timed steps of each configuration, after WARMUP_STEPS
 WARMUP_STEPS=${WARMUP_STEPS:-10}
 OUTPUT=${OUTPUT:-benchmark.json}
+PROFILE_DIR=${PROFILE_DIR:-}        # set: also writes a profile of each configuration's steps there
 
 extra=()
 if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
@@ -24,4 +26,5 @@ torchrun --standalone --nproc_per_node "$GPUNUM" vit_benchmark.py \
   --steps "$STEPS" \
   --warmup_steps "$WARMUP_STEPS" \
   --json "$OUTPUT" \
+  ${PROFILE_DIR:+--profile "$PROFILE_DIR"} \
   "${extra[@]}"

@@ -2,8 +2,10 @@
 
 Times whole training steps (forward, backward, optimizer) on synthetic batches already on the device, after
 warm-up, with the example's own plugin and optimizer settings (build_plugin, build_optimizer of vit_train_demo.py).
-The references are a plain PyTorch model with bf16 autocast, SDPA attention and fused AdamW, eager and compiled;
-they run in single-process invocations only. Launch through run_benchmark.sh, or
+The references are a plain PyTorch model with bf16 autocast, SDPA attention and fused AdamW, eager and compiled
+(torch_compile_max_autotune also autotunes the matrix multiplications: about 4 minutes of warm-up for ViT-B/16, so it
+runs only when asked for); they run in single-process invocations only. --profile writes where each configuration's
+step spends its GPU and CPU time. Launch through run_benchmark.sh, or
 `torchrun --standalone --nproc_per_node N vit_benchmark.py ...` to time the plugins data-parallel over N GPUs.
 """
 import argparse
@@ -16,6 +18,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 import colossalai
 from colossalai.accelerator import get_accelerator
 from transformers import ViTConfig, ViTForImageClassification
@@ -24,20 +28,22 @@ from args import PLUGINS, parse_demo_args
 from vit_train_demo import (SINGLE_PROCESS_ENV, Topology, build_booster, build_optimizer, forward_backward,
                             plain_cross_entropy)
 
-REFERENCES = ("torch", "torch_compile")
+REFERENCES = ("torch", "torch_compile", "torch_compile_max_autotune")
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
             patch_size=8)  # for a quick run on the CPU
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configurations", default=",".join(REFERENCES + PLUGINS),
+    parser.add_argument("--configurations", default=",".join(REFERENCES[:2] + PLUGINS),
                         help=f"comma-separated, from {', '.join(REFERENCES + PLUGINS)}")
     parser.add_argument("--batch_sizes", default="32,128", help="comma-separated batch sizes of each GPU")
     parser.add_argument("--warmup_steps", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30, help="timed steps of each configuration")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 32-pixel ViT instead of ViT-B/16")
     parser.add_argument("--json", default="benchmark.json", help="where the table is also written")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also profile 3 steps of each configuration: DIR/<configuration>_b<batch>.txt")
     args = parser.parse_args()
     args.configurations = args.configurations.split(",")
     args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
@@ -60,7 +66,11 @@ def reference_step_function(name, args, device):
     """One training step of plain PyTorch: bf16 autocast on the GPU (fp32 on the CPU), fused AdamW."""
     model, image_size = new_model(args, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.5, fused=device.type == "cuda")
-    forward = torch.compile(model) if name == "torch_compile" else model
+    forward = model
+    if name == "torch_compile":
+        forward = torch.compile(model)
+    elif name == "torch_compile_max_autotune":  # CUDA graphs left out: the plugins cannot use them either
+        forward = torch.compile(model, mode="max-autotune-no-cudagraphs")
 
     def step(pixel_values, labels):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -109,7 +119,35 @@ def measure(name, batch_size, args, device):
         torch.cuda.synchronize()  # the steps are queued asynchronously: wait for the last one before reading time
     seconds = (time.perf_counter() - start) / args.steps
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    if args.profile:
+        profile_steps(step, pixel_values, labels, device,
+                      os.path.join(args.profile, f"{name}_b{batch_size}.txt") if dist.get_rank() == 0 else None)
     return seconds, peak_gib
+
+
+def profile_steps(step, pixel_values, labels, device, path, steps=3):
+    """Profiles `steps` more steps and writes (when `path` is given) the operators that take the most GPU time and
+    the most CPU time: a step bound by the CPU shows far less GPU time than wall time."""
+    on_gpu = device.type == "cuda"
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as profiler:
+        for _ in range(steps):
+            step(pixel_values, labels)
+        if on_gpu:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1000 / steps
+    if path is None:
+        return
+    operators = profiler.key_averages()
+    lines = [f"per step, under the profiler: {wall_ms:.1f} ms wall"]
+    if on_gpu:
+        kernel_ms = sum(op.self_device_time_total for op in operators if op.device_type == DeviceType.CUDA) / 1000
+        lines[0] += f", {kernel_ms / steps:.1f} ms of GPU kernels"
+        lines += ["", "by GPU time", operators.table(sort_by="self_device_time_total", row_limit=40)]
+    lines += ["", "by CPU time", operators.table(sort_by="self_cpu_time_total", row_limit=40)]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
 
 
 def main():

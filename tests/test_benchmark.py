@@ -11,7 +11,8 @@ from conftest import ROOT
 
 def test_benchmark_times_the_reference_and_the_plugin_in_one_run(tmp_path):
     output = tmp_path / "benchmark.json"
-    env = {**os.environ, "BATCH_SIZES": "4,8", "STEPS": "2", "WARMUP_STEPS": "1", "OUTPUT": str(output)}
+    env = {**os.environ, "BATCH_SIZES": "4,8", "STEPS": "2", "WARMUP_STEPS": "1", "OUTPUT": str(output),
+           "PROFILE_DIR": str(tmp_path / "profiles")}
     if torch.cuda.is_available():
         env["CONFIGURATIONS"] = "torch,torch_ddp"
     run = subprocess.run(["bash", "run_benchmark.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -26,3 +27,7 @@ def test_benchmark_times_the_reference_and_the_plugin_in_one_run(tmp_path):
         assert reference["vs_eager_reference"] == 1
         assert plugin["vs_eager_reference"] == pytest.approx(plugin["images_per_second"] / reference["images_per_second"])
     assert "| torch_ddp | 1 | 8 |" in run.stdout
+    for configuration, batch_size in rows:  # the profiled steps ran the model and the optimizer
+        profile = (tmp_path / "profiles" / f"{configuration}_b{batch_size}.txt").read_text()
+        assert profile.startswith("per step, under the profiler:")
+        assert "aten::mm" in profile and "Optimizer.step#AdamW.step" in profile
