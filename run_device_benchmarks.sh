@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md in one go, on a freshly installed GPU machine: the one-off build of
 # Colossal-AI's fused Adam kernel, end-to-end runs of run_finetuning.sh with the published settings for each plugin
-# (gemini first, as a new user's first run), then the training-step benchmark.
+# (gemini first, as a new user's first run), then the training-step benchmark with a profile of each configuration.
 #   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash run_device_benchmarks.sh [PART]
-# PART: end_to_end, steps, or both (the default). Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log.
+# PART: end_to_end, steps, both (the default: end_to_end then steps), or autotune (the batch-128 references with
+# inductor's autotuning as well: about 5 minutes). Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log,
+# profiles/, and for autotune autotune.json and .log, profiles_autotune/.
 set -euo pipefail
 cd "$(dirname "$0")"
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
@@ -11,6 +13,10 @@ PLUGINS=${PLUGINS:-gemini torch_ddp torch_ddp_fp16 low_level_zero hybrid_paralle
 GPUNUM=${GPUNUM:-1}
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
+case "$PART" in
+  end_to_end | steps | both | autotune) ;;
+  *) echo "unknown PART '$PART': choose end_to_end, steps, both or autotune" >&2; exit 2 ;;
+esac
 mkdir -p "$LOG_DIR"
 
 seconds_of() {  # wall seconds of a command, its output appended to end_to_end.log
@@ -21,7 +27,7 @@ seconds_of() {  # wall seconds of a command, its output appended to end_to_end.l
   python3 -c "print(round($end - $start, 1))"
 }
 
-if [ "$PART" != steps ]; then
+if [ "$PART" = end_to_end ] || [ "$PART" = both ]; then
   echo "kernel build: $(seconds_of python3 -c \
     'from colossalai.kernel.kernel_loader import FusedOptimizerLoader; FusedOptimizerLoader().load()') s"
   for plugin in $PLUGINS; do
@@ -48,6 +54,11 @@ for line in open(f"{run_root}/walls"):
 json.dump(summary, open(summary_path, "w"), indent=2)
 PY
 fi
-[ "$PART" != end_to_end ] || exit 0
+if [ "$PART" = autotune ]; then
+  CONFIGURATIONS=torch,torch_compile,torch_compile_max_autotune BATCH_SIZES=128 OUTPUT="$LOG_DIR/autotune.json" \
+    PROFILE_DIR="$LOG_DIR/profiles_autotune" bash run_benchmark.sh 2>&1 | tee "$LOG_DIR/autotune.log" | grep -v Warning
+fi
+[ "$PART" = both ] || [ "$PART" = steps ] || exit 0
 # with GPUNUM > 1 the benchmark times the plugins alone (its plain-PyTorch references run in one process)
-GPUNUM=$GPUNUM OUTPUT="$LOG_DIR/benchmark.json" bash run_benchmark.sh 2>&1 | tee "$LOG_DIR/benchmark.log" | grep -v Warning
+GPUNUM=$GPUNUM OUTPUT="$LOG_DIR/benchmark.json" PROFILE_DIR="$LOG_DIR/profiles" bash run_benchmark.sh 2>&1 |
+  tee "$LOG_DIR/benchmark.log" | grep -v Warning
