@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Times training steps of ViT-B/16 for each plugin and for plain PyTorch (eager and compiled) in one run, and
 # prints the table (also written to OUTPUT). Variables can be overridden: BATCH_SIZES=128 bash run_benchmark.sh
-# CONFIGURATIONS may also name torch_compile_max_autotune (about 4 minutes of autotuning for ViT-B/16).
+# CONFIGURATIONS may also name torch_compile_max_autotune (about 4.5 minutes of autotuning for ViT-B/16).
 # Without a GPU it times a tiny ViT on the CPU (torch and torch_ddp only), which checks the script, not the speed.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -3,7 +3,7 @@
 Times whole training steps (forward, backward, optimizer) on synthetic batches already on the device, after
 warm-up, with the example's own plugin and optimizer settings (build_plugin, build_optimizer of vit_train_demo.py).
 The references are a plain PyTorch model with bf16 autocast, SDPA attention and fused AdamW, eager and compiled
-(torch_compile_max_autotune also autotunes the matrix multiplications: about 4 minutes of warm-up for ViT-B/16, so it
+(torch_compile_max_autotune also autotunes the matrix multiplications: about 4.5 minutes of warm-up for ViT-B/16, so it
 runs only when asked for); they run in single-process invocations only. --profile writes where each configuration's
 step spends its GPU and CPU time. Launch through run_benchmark.sh, or
 `torchrun --standalone --nproc_per_node N vit_benchmark.py ...` to time the plugins data-parallel over N GPUs.
@@ -29,13 +29,14 @@ from vit_train_demo import (SINGLE_PROCESS_ENV, Topology, build_booster, build_o
                             plain_cross_entropy)
 
 REFERENCES = ("torch", "torch_compile", "torch_compile_max_autotune")
+DEFAULT_CONFIGURATIONS = ("torch", "torch_compile") + PLUGINS  # max-autotune only on request: minutes of tuning
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
             patch_size=8)  # for a quick run on the CPU
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configurations", default=",".join(REFERENCES[:2] + PLUGINS),
+    parser.add_argument("--configurations", default=",".join(DEFAULT_CONFIGURATIONS),
                         help=f"comma-separated, from {', '.join(REFERENCES + PLUGINS)}")
     parser.add_argument("--batch_sizes", default="32,128", help="comma-separated batch sizes of each GPU")
     parser.add_argument("--warmup_steps", type=int, default=10)
