@@ -19,6 +19,12 @@ case "$PART" in
 esac
 mkdir -p "$LOG_DIR"
 
+step_table() {  # NAME VARIABLE=VALUE...: run_benchmark.sh with those variables, into LOG_DIR/NAME.json and .log
+  local name=$1
+  shift
+  env "$@" OUTPUT="$LOG_DIR/$name.json" bash run_benchmark.sh 2>&1 | tee "$LOG_DIR/$name.log" | grep -v Warning
+}
+
 seconds_of() {  # wall seconds of a command, its output appended to end_to_end.log
   local start end
   start=$(date +%s.%N)
@@ -54,11 +60,11 @@ for line in open(f"{run_root}/walls"):
 json.dump(summary, open(summary_path, "w"), indent=2)
 PY
 fi
-if [ "$PART" = autotune ]; then
-  CONFIGURATIONS=torch,torch_compile,torch_compile_max_autotune BATCH_SIZES=128 OUTPUT="$LOG_DIR/autotune.json" \
-    PROFILE_DIR="$LOG_DIR/profiles_autotune" bash run_benchmark.sh 2>&1 | tee "$LOG_DIR/autotune.log" | grep -v Warning
+if [ "$PART" = both ] || [ "$PART" = steps ]; then
+  # with GPUNUM > 1 the benchmark times the plugins alone (its plain-PyTorch references run in one process)
+  step_table benchmark GPUNUM="$GPUNUM" PROFILE_DIR="$LOG_DIR/profiles"
 fi
-[ "$PART" = both ] || [ "$PART" = steps ] || exit 0
-# with GPUNUM > 1 the benchmark times the plugins alone (its plain-PyTorch references run in one process)
-GPUNUM=$GPUNUM OUTPUT="$LOG_DIR/benchmark.json" PROFILE_DIR="$LOG_DIR/profiles" bash run_benchmark.sh 2>&1 |
-  tee "$LOG_DIR/benchmark.log" | grep -v Warning
+if [ "$PART" = autotune ]; then
+  step_table autotune CONFIGURATIONS=torch,torch_compile,torch_compile_max_autotune BATCH_SIZES=128 \
+    PROFILE_DIR="$LOG_DIR/profiles_autotune"
+fi
