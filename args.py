@@ -13,6 +13,7 @@ PLUGINS = ("torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_pa
 CPU_PLUGINS = ("torch_ddp",)
 PRECISIONS = ("bf16", "fp16", "fp32")
 FP32_PLUGINS = ("torch_ddp", "low_level_zero", "hybrid_parallel")  # gemini keeps its weights in 16 bits
+DATA_MODES = ("auto", "cache", "stream")
 
 
 def positive_int(text):
@@ -56,8 +57,28 @@ def build_parser():
     parser.add_argument("--model_name_or_path", default="google/vit-base-patch16-224",
                         help="Hugging Face hub id or local directory of a pretrained ViT")
     parser.add_argument("--dataset", default="beans",
-                        help="Hugging Face hub dataset id, or a local directory laid out as split/label/image "
+                        help="Hugging Face hub dataset id, or a local directory: split/label/image folders, a "
+                        "snapshot of a hub dataset repository (parquet or arrow shards) or a save_to_disk folder "
                         "(train and validation splits required, test optional)")
+    parser.add_argument("--image_column", default=None,
+                        help="the dataset's image column (default: the one column of images)")
+    parser.add_argument("--label_column", default=None,
+                        help="the dataset's label column (default: the one class-label column)")
+    parser.add_argument("--max_train_samples", type=positive_int, default=None,
+                        help="train on a random subset of this many training images, for a quick trial")
+    parser.add_argument("--max_eval_samples", type=positive_int, default=None,
+                        help="evaluate on a random subset of this many images of each other split")
+    parser.add_argument("--data_mode", choices=DATA_MODES, default="auto",
+                        help="cache: decode every image once and keep it on the training device; stream: decode "
+                        "each batch in loader workers as it is needed; auto: cache when it fits --cache_budget_gib")
+    parser.add_argument("--cache_budget_gib", type=positive_float, default=None,
+                        help="most memory the cache may take (default: a quarter of the free GPU memory, or of "
+                        "the available host memory on the CPU)")
+    parser.add_argument("--num_workers", type=non_negative_int, default=None,
+                        help="loader worker processes that decode streamed images (default: the CPU cores of "
+                        "this process's share of the node, but one)")
+    parser.add_argument("--skip_unreadable", action=argparse.BooleanOptionalAction, default=False,
+                        help="leave out unreadable images, counted and named in results.json, instead of stopping")
     parser.add_argument("--output_path", default="./output_model",
                         help="where the fine-tuned model, its image processor and results.json are written")
     parser.add_argument("--plugin", default="gemini", choices=PLUGINS, help="Colossal-AI booster plugin")
@@ -109,6 +130,9 @@ def parse_demo_args(argv=None):
     if args.precision is None:
         on_gpu = torch.cuda.is_available()
         args.precision = "fp16" if args.plugin == "torch_ddp_fp16" else "bf16" if on_gpu else "fp32"
+    if args.cache_budget_gib is not None and args.data_mode != "auto":
+        parser.error(f"--cache_budget_gib decides between caching and streaming, which --data_mode {args.data_mode} "
+                     "has already decided; drop one of them")
     if args.plugin == "torch_ddp_fp16" and args.precision != "fp16":
         parser.error(f"--plugin torch_ddp_fp16 trains in fp16, not --precision {args.precision}; "
                      f"use --plugin torch_ddp --precision {args.precision}")

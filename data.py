@@ -1,8 +1,16 @@
-"""Turns an image-classification dataset (a hub id or a local split/label/image folder) into tensors.
+"""Every way an image-classification dataset reaches the model.
 
-Every image is decoded, converted to RGB and run through the model's image processor once, up front, and the
-result is kept on the training device: beans (1295 images, 780 MB as float32) is small enough, so no epoch pays for
-JPEG decoding or host-to-device copies again. A dataset too large for that would need a streaming loader instead.
+Where it is read from (load_splits): a hub id, or a local copy in any form users keep one: an image folder laid
+out as split/label/image, a snapshot of a hub dataset repository (parquet or arrow shards), or a DatasetDict
+written by `save_to_disk`.
+
+How its images reach the device (SplitImages): the model's image processor resizes each decoded picture to the
+model's resolution, kept as uint8 (150 KB an image at 224 px, a quarter of float32). When all splits fit the
+cache budget, that happens once, up front, and the result stays on the training device, so no epoch decodes a
+JPEG or copies to the device again. Otherwise the images stream: DataLoader worker processes decode every batch
+as it is needed, into pinned memory, and host and device memory stay flat however large the dataset is. Both
+paths yield the same uint8 batches on the device, which `Normalise` (and the augmentation) turn into model input
+there.
 """
 import io
 import math
@@ -10,15 +18,18 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict
 from datasets import Image as ImageFeature
-from datasets import load_dataset
+from datasets import load_dataset, load_from_disk
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image, ImageOps
-import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
 REQUIRED_SPLITS = ("train", "validation")
+SHARD_EXTENSIONS = (".parquet", ".arrow")
+ACCEPTED_LAYOUTS = ("split/label/image folders (train/healthy/1.jpg), a hub dataset snapshot with parquet or arrow "
+                    "shards (data/train-00000-of-00001.parquet), or a DatasetDict saved with save_to_disk")
 
 
 class RunError(Exception):
@@ -30,18 +41,10 @@ def looks_like_path(dataset):
     return dataset.startswith((os.sep, ".", "~")) or os.path.exists(dataset)
 
 
-def load_splits(dataset):
-    """Loads a hub dataset or a local image folder as a DatasetDict with columns `image` (undecoded) and `labels`."""
+def load_splits(dataset, image_column=None, label_column=None):
+    """Loads a dataset as a DatasetDict with columns `image` (undecoded: {"bytes", "path"}) and `labels`."""
     if looks_like_path(dataset):
-        path = os.path.expanduser(dataset)
-        if not os.path.isdir(path):
-            raise RunError(f"dataset directory {dataset} does not exist; pass a hub id such as beans, "
-                           "or a directory laid out as split/label/image")
-        check_layout(path)
-        try:
-            splits = load_dataset("imagefolder", data_dir=path)
-        except FileNotFoundError as error:
-            raise RunError(f"no images found under {dataset} ({error}); lay it out as split/label/image") from None
+        splits = load_local(dataset)
     else:
         try:
             splits = load_dataset(dataset)
@@ -52,19 +55,44 @@ def load_splits(dataset):
         if name not in splits or len(splits[name]) == 0:
             raise RunError(f"dataset {dataset} has no {name} split (found: {', '.join(splits) or 'none'}); "
                             f"put its images in {name}/<label>/")
-    return DatasetDict({name: standardise_columns(split, dataset, name) for name, split in splits.items()})
+    return DatasetDict({name: standardise_columns(split, dataset, name, image_column, label_column)
+                        for name, split in splits.items()})
+
+
+def load_local(dataset):
+    path = os.path.expanduser(dataset)
+    if not os.path.isdir(path):
+        raise RunError(f"dataset directory {dataset} does not exist; pass a hub id such as beans, or a directory "
+                       f"holding {ACCEPTED_LAYOUTS}")
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        return load_from_disk(path)
+    if os.path.isfile(os.path.join(path, "state.json")):
+        raise RunError(f"{dataset} holds a single Dataset saved with save_to_disk; save a DatasetDict with train "
+                       "and validation splits instead")
+    shards = [name for _, _, names in os.walk(path) for name in names if name.endswith(SHARD_EXTENSIONS)]
+    if shards:
+        try:
+            return load_dataset(path)
+        except Exception as error:
+            raise RunError(f"cannot load the dataset shards under {dataset} ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0]}); name them <split>-00000-of-00001.parquet") from None
+    check_image_folder(path, dataset)
+    return load_dataset("imagefolder", data_dir=path)
 
 
 def visible_entries(directory):
     return sorted((entry for entry in os.scandir(directory) if not entry.name.startswith(".")), key=lambda e: e.name)
 
 
-def check_layout(path):
-    """Refuses what the image-folder loader would otherwise drop without a word: files beside the label folders,
-    empty label folders, and files that are not images."""
-    for split in visible_entries(path):
-        if not split.is_dir():
-            continue  # a LICENSE or README beside the split folders is fine
+def check_image_folder(path, dataset):
+    """Refuses a folder of none of the accepted layouts, and what the image-folder loader would otherwise drop
+    without a word: files beside the label folders, empty label folders, and files that are not images."""
+    split_folders = [entry for entry in visible_entries(path) if entry.is_dir()]  # a LICENSE beside them is fine
+    if not any(label.is_dir() for split in split_folders for label in visible_entries(split.path)):
+        found = ", ".join(entry.name + ("/" if entry.is_dir() else "") for entry in visible_entries(path)[:8])
+        raise RunError(f"{dataset} holds none of the accepted dataset layouts (found: {found or 'nothing'}); "
+                       f"accepted: {ACCEPTED_LAYOUTS}")
+    for split in split_folders:
         for label in visible_entries(split.path):
             if not label.is_dir():
                 raise RunError(f"stray file {label.path}: images go in {split.name}/<label>/; move or delete it")
@@ -76,14 +104,27 @@ def check_layout(path):
                     raise RunError(f"{file.path} is not an image file (by its extension); move or delete it")
 
 
-def standardise_columns(split, dataset, split_name):
-    label_columns = [name for name, feature in split.features.items() if isinstance(feature, ClassLabel)]
-    image_columns = [name for name, feature in split.features.items() if isinstance(feature, ImageFeature)]
-    if len(label_columns) != 1 or len(image_columns) != 1:
-        raise RunError(f"{split_name} split of {dataset} needs one image column and one class-label column, "
-                        f"found features {dict(split.features)}")
-    split = split.select_columns([image_columns[0], label_columns[0]])
-    split = split.rename_columns({image_columns[0]: "image", label_columns[0]: "labels"})
+def find_column(split, wanted, feature_type, flag, split_name):
+    """The column named by `flag` (`wanted`), else the one column of `feature_type`."""
+    if wanted is not None:
+        if wanted not in split.column_names:
+            raise RunError(f"{flag} {wanted} is not a column of the {split_name} split "
+                           f"(columns: {', '.join(split.column_names)})")
+        return wanted
+    found = [name for name, feature in split.features.items() if isinstance(feature, feature_type)]
+    if len(found) != 1:
+        kind = "image" if feature_type is ImageFeature else "class-label"
+        raise RunError(f"the {split_name} split has {len(found) or 'no'} {kind} columns "
+                       f"(features: {dict(split.features)}); name the one to use with {flag}")
+    return found[0]
+
+
+def standardise_columns(split, dataset, split_name, image_column=None, label_column=None):
+    image = find_column(split, image_column, ImageFeature, "--image_column", split_name)
+    label = find_column(split, label_column, ClassLabel, "--label_column", split_name)
+    split = split.select_columns([image, label]).rename_columns({image: "image", label: "labels"})
+    if not isinstance(split.features["labels"], ClassLabel):  # strings or numbers: their sorted values are classes
+        split = split.class_encode_column("labels")
     return split.cast_column("image", ImageFeature(decode=False))
 
 
@@ -92,6 +133,9 @@ def label_names(splits, dataset):
     names = splits["train"].features["labels"].names
     in_train = set(splits["train"]["labels"])
     for split_name, split in splits.items():
+        if split.features["labels"].names != names:
+            raise RunError(f"the {split_name} split of {dataset} names its classes {split.features['labels'].names}, "
+                           f"train names them {names}; give every split the same classes")
         present = set(split["labels"])
         if present != in_train:
             extra = sorted(names[i] for i in present - in_train)
@@ -105,27 +149,214 @@ def label_names(splits, dataset):
     return names
 
 
-def open_rgb(image):
-    """Decodes one undecoded `image` cell ({"bytes", "path"}) to an upright RGB picture."""
-    source = io.BytesIO(image["bytes"]) if image["bytes"] else image["path"]
-    try:
-        with Image.open(source) as picture:
-            return ImageOps.exif_transpose(picture).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise RunError(f"cannot read image {image['path']}: {error}") from None
+def limit_samples(splits, max_train_samples, max_eval_samples, seed):
+    """A random subset of each split for a quick trial (the same subset for the same seed)."""
+    def first(split, count):
+        return split if count is None or count >= len(split) else split.shuffle(seed=seed).select(range(count))
+    return DatasetDict({name: first(split, max_train_samples if name == "train" else max_eval_samples)
+                        for name, split in splits.items()})
 
 
-def to_tensors(split, image_processor, device="cpu", chunk_size=64):
-    """Preprocesses a whole split into a TensorDataset of (pixel_values, labels) on `device`.
+class Decoder:
+    """Turns undecoded image cells into uint8 pixel values [N, 3, H, W] at the model's resolution, through the
+    model's image processor with its rescaling and normalisation left for the device (Normalise)."""
 
-    Chunks of images are decoded and preprocessed on parallel threads: Pillow and NumPy release the GIL there."""
-    def preprocess(start):
-        images = [open_rgb(image) for image in split[start:start + chunk_size]["image"]]
-        return torch.from_numpy(image_processor(images, return_tensors="np")["pixel_values"])
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+        size = image_processor.size
+        # JPEGs decode at the smallest power-of-two scale that still leaves every side this large
+        self.draft_size = max(size.get("shortest_edge", 0), size.get("height", 0), size.get("width", 0))
+        self.shape = tuple(self.resize([Image.new("RGB", (8, 8))]).shape[1:])
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        pixel_values = list(pool.map(preprocess, range(0, len(split), chunk_size)))
-    return TensorDataset(torch.cat(pixel_values).to(device), torch.tensor(split["labels"], device=device))
+    def resize(self, pictures):
+        return self.image_processor(pictures, do_rescale=False, do_normalize=False,
+                                    return_tensors="pt")["pixel_values"]
+
+    def open_rgb(self, image):
+        """One upright RGB picture, or why it cannot be read."""
+        source = io.BytesIO(image["bytes"]) if image["bytes"] else image["path"]
+        try:
+            with Image.open(source) as picture:
+                picture.draft("RGB", (self.draft_size, self.draft_size))
+                return ImageOps.exif_transpose(picture).convert("RGB"), None
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            return None, f"{image['path']}: {error}"
+
+    def __call__(self, images):
+        """Pixel values of the readable images, which of `images` were readable, and why the others were not."""
+        pictures, readable, unreadable = [], [], []
+        for image in images:
+            picture, reason = self.open_rgb(image)
+            readable.append(picture is not None)
+            if picture is None:
+                unreadable.append(reason)
+            else:
+                pictures.append(picture)
+        pixel_values = self.resize(pictures) if pictures else torch.empty(0, *self.shape, dtype=torch.uint8)
+        return {"pixel_values": pixel_values, "readable": torch.tensor(readable), "unreadable": unreadable}
+
+
+class StreamedSplit(torch.utils.data.Dataset):
+    """A split read in DataLoader workers, a batch per call (`__getitems__`)."""
+
+    def __init__(self, split, decoder):
+        self.images, self.decoder = split.select_columns(["image"]), decoder
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitems__(self, indices):
+        return self.decoder(self.images[indices]["image"])
+
+
+def as_is(batch):
+    return batch
+
+
+class BatchPlan:
+    """The DataLoader's batch sampler: the batches of indices of the coming pass, set before each pass, so that
+    one set of persistent workers serves every epoch."""
+    indices = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class SplitImages:
+    """One split as batches on the device: `batches(index_batches)` yields, for each batch of indices, the model
+    input made of its readable images, their labels, and which images of the batch were readable.
+
+    An unreadable image stops the run with a one-line error naming it, or, with skip_unreadable, is left out of
+    its batch and recorded in `unreadable`."""
+
+    def __init__(self, split, decoder, device, cached, num_workers, skip_unreadable, chunk_size=64):
+        self.device, self.cached, self.skip_unreadable, self.unreadable = device, cached, skip_unreadable, set()
+        self.normalise = Normalise(decoder.image_processor, device)
+        self.labels = torch.tensor(split["labels"], device=device)
+        if cached:
+            self.pixel_values = torch.empty(len(split), *decoder.shape, dtype=torch.uint8, device=device)
+            self.readable = torch.empty(len(split), dtype=torch.bool, device=device)
+            images = split.select_columns(["image"])
+
+            def decode_chunk(start):  # Pillow and NumPy release the GIL: threads decode in parallel
+                chunk = decoder(images[start:start + chunk_size]["image"])
+                self.check(chunk["unreadable"])
+                readable = chunk["readable"]
+                self.readable[start:start + len(readable)] = readable.to(device)
+                self.pixel_values[torch.arange(start, start + len(readable))[readable]] = \
+                    chunk["pixel_values"].to(device)
+
+            with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+                list(pool.map(decode_chunk, range(0, len(split), chunk_size)))
+        else:
+            self.plan = BatchPlan()
+            # a generator of its own: the loader draws its workers' seeds from it, and drawing from the global one
+            # would shift the augmentation's random stream away from a cached (or resumed) run's
+            self.loader = DataLoader(StreamedSplit(split, decoder), batch_sampler=self.plan, collate_fn=as_is,
+                                     num_workers=num_workers, pin_memory=device.type == "cuda",
+                                     persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+                                     generator=torch.Generator())
+
+    def __len__(self):
+        return len(self.labels)
+
+    def check(self, unreadable):
+        if unreadable and not self.skip_unreadable:
+            raise RunError(f"cannot read image {unreadable[0]}; replace or remove it, or pass --skip_unreadable "
+                           "to go on without it")
+        self.unreadable.update(unreadable)
+
+    def batches(self, index_batches):
+        if self.cached:
+            for indices in index_batches:
+                indices = torch.tensor(indices, device=self.device)
+                readable = self.readable[indices]
+                kept = indices[readable]
+                yield self.normalise(self.pixel_values[kept]), self.labels[kept], readable
+            return
+        self.plan.indices = index_batches
+        for indices, batch in zip(index_batches, self.loader):
+            self.check(batch["unreadable"])
+            readable = batch["readable"].to(self.device)
+            labels = self.labels[torch.tensor(indices, device=self.device)[readable]]
+            yield self.normalise(batch["pixel_values"].to(self.device, non_blocking=True)), labels, readable
+
+
+def device_images(splits, image_processor, device, args, announce):
+    """Every split as SplitImages: cached on the device if all of them fit the cache budget (or as args.data_mode
+    says), else streamed; `announce` is given one line saying which and why before the work starts."""
+    decoder = Decoder(image_processor)
+    count = sum(len(split) for split in splits.values())
+    cache_bytes = count * math.prod(decoder.shape)
+    budget = cache_budget(device, args.cache_budget_gib)
+    cached = args.data_mode == "cache" or (args.data_mode == "auto" and cache_bytes <= budget)
+    num_workers = default_num_workers() if args.num_workers is None else args.num_workers
+    size = f"{cache_bytes / 2**30:.2f} GiB as uint8"
+    if args.data_mode != "auto":
+        why = f"--data_mode {args.data_mode}; the cache would take {size}"
+    else:
+        source = ("--cache_budget_gib" if args.cache_budget_gib is not None
+                  else "a quarter of the free GPU memory" if device.type == "cuda" else "a quarter of the free host memory")
+        why = f"{size}, {'within' if cached else 'over'} the {budget / 2**30:.2f} GiB budget ({source})"
+    line = (f"data: caching all {count} images on {device} ({why})" if cached else
+            f"data: streaming {count} images through {num_workers} loader worker{'s' * (num_workers != 1)} ({why})")
+    announce(line)
+    return {name: SplitImages(split, decoder, device, cached, num_workers, args.skip_unreadable)
+            for name, split in splits.items()}
+
+
+def cache_budget(device, budget_gib=None):
+    """Bytes the cache may take on `device`: budget_gib if given, else a quarter of what is free there (on the
+    host, a quarter of its available memory shared by this node's processes), leaving the rest for training."""
+    if budget_gib is not None:
+        return int(budget_gib * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    with open("/proc/meminfo") as meminfo:
+        available_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+    return available_kib * 1024 // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def default_num_workers():
+    """This process's share of the node's CPU cores, but one that the training loop keeps."""
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores - 1)
+
+
+def epoch_batches(num_examples, batch_size, dp_rank, dp_size, seed, epoch):
+    """This rank's training batches of an epoch, full ones only: one shuffled order of every example, dealt out
+    rank by rank as torch's DistributedSampler deals it."""
+    sampler = DistributedSampler(range(num_examples), num_replicas=dp_size, rank=dp_rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    return [indices[start:start + batch_size] for start in range(0, len(indices) - batch_size + 1, batch_size)]
+
+
+def evaluation_batches(num_examples, batch_size, dp_rank, dp_size):
+    """This rank's share of every example once, as batches of positions. Every rank gets the same number of
+    batches of the same sizes (ZeRO and Gemini gather parameters collectively inside each forward pass), so the
+    last rank's share is padded with positions past the end, which `evaluate` does not count."""
+    per_rank = math.ceil(num_examples / dp_size)
+    positions = list(range(dp_rank, per_rank * dp_size, dp_size))
+    return [positions[start:start + batch_size] for start in range(0, len(positions), batch_size)]
+
+
+class Normalise:
+    """uint8 pixel values to model input on their own device: the image processor's rescaling and normalisation,
+    for a whole batch at once."""
+
+    def __init__(self, image_processor, device):
+        self.scale = image_processor.rescale_factor if image_processor.do_rescale else 1.0
+        mean, std = ((image_processor.image_mean, image_processor.image_std) if image_processor.do_normalize
+                     else ([0.0], [1.0]))
+        self.mean = torch.tensor(mean, device=device).view(-1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(-1, 1, 1)
+
+    def __call__(self, pixel_values):
+        return (pixel_values.float() * self.scale - self.mean) / self.std
 
 
 def random_resized_crop_and_flip(pixel_values, min_area=0.5, max_aspect=4 / 3):

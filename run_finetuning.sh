@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODEL=${MODEL:-google/vit-base-patch16-224}  # hub id or local directory of a pretrained ViT
-DATASET=${DATASET:-beans}                    # hub id or local directory laid out as split/label/image
+DATASET=${DATASET:-beans}                    # hub id, or a local image folder, hub snapshot or save_to_disk folder
+DATA_MODE=${DATA_MODE:-auto}                 # cache (decode once, keep on the GPU), stream (loader workers) or auto
+CACHE_BUDGET_GIB=${CACHE_BUDGET_GIB:-}       # most memory the cache may take (auto: a quarter of the free memory)
+NUM_WORKERS=${NUM_WORKERS:-}                 # loader workers decoding streamed images (default: the cores but one)
 OUTPUT_PATH=${OUTPUT_PATH:-./output_model}   # fine-tuned model, image processor and results.json
 PLUGIN=${PLUGIN:-gemini}                     # torch_ddp, torch_ddp_fp16, low_level_zero, gemini or hybrid_parallel
 TP_SIZE=${TP_SIZE:-1}                        # tensor-parallel size (hybrid_parallel only)
@@ -45,6 +48,9 @@ fi
 "${launch[@]}" vit_train_demo.py \
   --model_name_or_path "$MODEL" \
   --dataset "$DATASET" \
+  --data_mode "$DATA_MODE" \
+  ${CACHE_BUDGET_GIB:+--cache_budget_gib "$CACHE_BUDGET_GIB"} \
+  ${NUM_WORKERS:+--num_workers "$NUM_WORKERS"} \
   --output_path "$OUTPUT_PATH" \
   --plugin "$PLUGIN" \
   --tp_size "$TP_SIZE" \

@@ -25,8 +25,8 @@ from colossalai.accelerator import get_accelerator
 from transformers import ViTConfig, ViTForImageClassification
 
 from args import PLUGINS, parse_demo_args
-from vit_train_demo import (SINGLE_PROCESS_ENV, Topology, build_booster, build_optimizer, forward_backward,
-                            plain_cross_entropy)
+from vit_train_demo import (SINGLE_PROCESS_ENV, Boosted, Topology, build_booster, build_optimizer,
+                            forward_backward, plain_cross_entropy)
 
 REFERENCES = ("torch", "torch_compile", "torch_compile_max_autotune")
 DEFAULT_CONFIGURATIONS = ("torch", "torch_compile") + PLUGINS  # max-autotune only on request: minutes of tuning
@@ -90,11 +90,12 @@ def plugin_step_function(name, args, device):
     plugin, booster = build_booster(model, settings, device)
     topology = Topology(plugin)
     model, optimizer, *_ = booster.boost(model, build_optimizer(model, settings))
+    boosted = Boosted(model, optimizer, None, booster, topology)
     model.train()
 
     def step(pixel_values, labels):
         batch = {"pixel_values": pixel_values, "labels": labels}
-        forward_backward(model, batch, booster, topology, plain_cross_entropy, optimizer)
+        forward_backward(boosted, batch, plain_cross_entropy, train=True)
         optimizer.step()
         optimizer.zero_grad()
 

@@ -5,10 +5,10 @@ Launch with `colossalai run --nproc_per_node N vit_train_demo.py ...` or `torchr
 import json
 import math
 import os
+import resource
 import sys
 import time
-from functools import partial
-from itertools import islice
+from dataclasses import dataclass
 
 PROCESS_START = time.perf_counter()  # taken before the heavy imports below, so that the setup time includes them
 
@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from torch.utils.data import DistributedSampler, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoImageProcessor, ViTForImageClassification
@@ -31,7 +30,8 @@ from colossalai.nn.optimizer import FusedAdam
 import checkpoint
 import report
 from args import parse_demo_args
-from data import RunError, label_names, load_splits, random_resized_crop_and_flip, to_tensors
+from data import (RunError, device_images, epoch_batches, evaluation_batches, label_names, limit_samples,
+                  load_splits, random_resized_crop_and_flip)
 
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": "29500"}
@@ -97,19 +97,20 @@ class Topology:
         self.reports = self.holds_output and self.dp_rank == 0
 
 
-def forward_backward(model, batch, booster, topology, criterion, optimizer=None):
-    """Runs one batch forward (and backward when given an optimizer); returns loss and logits, or None, None on a
-    pipeline stage that does not hold the outputs."""
-    if topology.pipeline:
-        result = booster.execute_pipeline(iter([batch]), model, criterion, optimizer,
-                                          return_loss=True, return_outputs=True)
-        if not topology.holds_output:
+def forward_backward(boosted, batch, criterion, train):
+    """Runs one batch forward (and backward when training); returns loss and logits, or None, None on a pipeline
+    stage that does not hold the outputs."""
+    optimizer = boosted.optimizer if train else None
+    if boosted.topology.pipeline:
+        result = boosted.booster.execute_pipeline(iter([batch]), boosted.model, criterion, optimizer,
+                                                  return_loss=True, return_outputs=True)
+        if not boosted.topology.holds_output:
             return None, None
         return result["loss"], result["outputs"]["logits"]
-    outputs = model(pixel_values=batch["pixel_values"])
+    outputs = boosted.model(pixel_values=batch["pixel_values"])
     loss = criterion(outputs, batch)
-    if optimizer is not None:
-        booster.backward(loss, optimizer)
+    if train:
+        boosted.booster.backward(loss, optimizer)
     return loss, outputs.logits
 
 
@@ -119,31 +120,37 @@ def sum_over_ranks(values, device):
     return totals.tolist()
 
 
-def train_epoch(model, optimizer, lr_scheduler, dataloader, train_data, booster, topology, criterion, args, progress,
-                save_checkpoint, writer):
-    """Trains from step `progress["step_in_epoch"]` to the end of the epoch, updating `progress` as it goes.
+@dataclass
+class Boosted:
+    """What the booster returned and every training or evaluation step needs."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    booster: Booster
+    topology: Topology
 
-    The loader yields indices into `train_data`, which already sits on the device: a batch is one gather there.
-    """
-    model.train()
-    all_pixel_values, all_labels = train_data.tensors
-    remaining = iter(islice(dataloader, progress["step_in_epoch"], None))
-    with tqdm(total=len(dataloader), initial=progress["step_in_epoch"], desc=f"epoch {progress['epoch'] + 1}",
+
+def train_epoch(boosted, images, criterion, args, progress, save_checkpoint, writer):
+    """Trains from step `progress["step_in_epoch"]` to the end of the epoch, updating `progress` as it goes."""
+    topology = boosted.topology
+    batches = epoch_batches(len(images), args.batch_size, topology.dp_rank, topology.dp_size, args.seed,
+                            progress["epoch"])
+    boosted.model.train()
+    with tqdm(total=len(batches), initial=progress["step_in_epoch"], desc=f"epoch {progress['epoch'] + 1}",
               disable=not topology.reports, dynamic_ncols=True) as bar:
+        remaining = images.batches(batches[progress["step_in_epoch"]:])
         while True:
             step_start = time.perf_counter()
-            indices = next(remaining, None)
-            if indices is None:
+            pixel_values, labels, _ = next(remaining, (None, None, None))
+            if pixel_values is None:
                 break
-            indices = indices[0].to(all_labels.device)
-            pixel_values, labels = all_pixel_values[indices], all_labels[indices]
             progress["epoch_data_wait"] += time.perf_counter() - step_start
             batch = {"pixel_values": random_resized_crop_and_flip(pixel_values) if args.augment else pixel_values,
                      "labels": labels}
-            loss, _ = forward_backward(model, batch, booster, topology, criterion, optimizer)
-            optimizer.step()
-            optimizer.zero_grad()
-            lr_scheduler.step()
+            loss, _ = forward_backward(boosted, batch, criterion, train=True)
+            boosted.optimizer.step()
+            boosted.optimizer.zero_grad()
+            boosted.lr_scheduler.step()
             progress["step_in_epoch"] += 1
             progress["global_step"] += 1
             progress["images_trained"] += len(labels) * topology.dp_size
@@ -153,7 +160,7 @@ def train_epoch(model, optimizer, lr_scheduler, dataloader, train_data, booster,
                 raise RunError(f"training loss is {loss_value} at step {progress['global_step']} (epoch "
                                f"{progress['epoch'] + 1}); lower --learning_rate or check the data")
             progress["epoch_loss_sum"] += loss_value
-            learning_rate = lr_scheduler.get_last_lr()[0]
+            learning_rate = boosted.lr_scheduler.get_last_lr()[0]
             images_per_second = progress["images_trained"] / progress["train_seconds"]
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", img_per_s=f"{images_per_second:.1f}")
@@ -163,32 +170,29 @@ def train_epoch(model, optimizer, lr_scheduler, dataloader, train_data, booster,
                     writer.add_scalar(tag, value, progress["global_step"])
             # the last step of an epoch is saved after the evaluation, with the epoch's results
             if (args.save_every and progress["global_step"] % args.save_every == 0
-                    and progress["step_in_epoch"] < len(dataloader)):
+                    and progress["step_in_epoch"] < len(batches)):
                 save_checkpoint(progress)
+    return len(batches)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, booster, topology, device, batch_size, names):
-    """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix over every image of `dataset`, each
-    counted exactly once across the data-parallel ranks.
-
-    Every rank gets the same number of batches of the same sizes (the last rank pads its shard with copies that
-    are not counted), because ZeRO and Gemini gather parameters collectively inside each forward pass.
-    """
-    model.eval()
-    pixel_values, labels = dataset.tensors
-    per_rank = math.ceil(len(labels) / topology.dp_size)
-    shard = torch.arange(topology.dp_rank, per_rank * topology.dp_size, topology.dp_size, device=device)
+def evaluate(boosted, images, device, batch_size, names):
+    """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix over every readable image of
+    `images`, each counted exactly once across the data-parallel ranks."""
+    topology = boosted.topology
+    boosted.model.eval()
+    batches = evaluation_batches(len(images), batch_size, topology.dp_rank, topology.dp_size)
     num_labels = len(names)
     confusion = torch.zeros(num_labels * num_labels, dtype=torch.float64, device=device)  # row: label, column: guess
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    for indices in shard.split(batch_size):
-        counted = indices < len(labels)
-        indices = indices.clamp(max=len(labels) - 1)
-        batch = {"pixel_values": pixel_values[indices], "labels": labels[indices]}
-        _, logits = forward_backward(model, batch, booster, topology, plain_cross_entropy)
+    last = len(images) - 1  # the padding positions past the end read copies of the last image, never counted
+    index_batches = [[min(position, last) for position in positions] for positions in batches]
+    for positions, (pixel_values, labels, readable) in zip(batches, images.batches(index_batches)):
+        counted = torch.tensor(positions, device=device)[readable] <= last
+        _, logits = forward_backward(boosted, {"pixel_values": pixel_values, "labels": labels}, plain_cross_entropy,
+                                     train=False)
         if topology.holds_output:
-            kept_labels, kept_logits = batch["labels"][counted], logits[counted].float()
+            kept_labels, kept_logits = labels[counted], logits[counted].float()
             loss_sum += F.cross_entropy(kept_logits, kept_labels, reduction="sum")
             confusion += torch.bincount(kept_labels * num_labels + kept_logits.argmax(dim=-1),
                                         minlength=num_labels * num_labels)
@@ -207,6 +211,12 @@ def classification_metrics(confusion, loss_sum, names):
                         "support": int(confusion[i].sum())} for i, name in enumerate(names)}
     return {"loss": loss_sum / count, "accuracy": true_positives.sum().item() / count, "num_examples": int(count),
             "per_class": per_class, "confusion_matrix": confusion.tolist()}
+
+
+def peak_memory(device):
+    """The most memory this process has held, on the host (resident) and on the GPU (allocated tensors)."""
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_gpu_gib": gpu}
 
 
 def plain_cross_entropy(outputs, inputs):
@@ -233,33 +243,28 @@ def main():
         raise RunError(f"--output_path {args.output_path} is not writable; pass a directory you can write to")
     resume_from = args.resume_from and checkpoint.resolve_resume(args.resume_from, args.output_path)
 
-    splits = load_splits(args.dataset)
+    splits = load_splits(args.dataset, args.image_column, args.label_column)
     names = label_names(splits, args.dataset)
+    splits = limit_samples(splits, args.max_train_samples, args.max_eval_samples, args.seed)
     image_processor, model = load_model(args.model_name_or_path, names)
-    tensors = {name: to_tensors(split, image_processor, device) for name, split in splits.items()}
-    if "test" not in tensors and is_master:
+    images = device_images(splits, image_processor, device, args, announce=print if is_master else lambda line: None)
+    if "test" not in images and is_master:
         print(f"dataset {args.dataset} has no test split: skipping the test evaluation")
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable()
 
     plugin, booster = build_booster(model, args, device)
     topology = Topology(plugin)
-    # the loader deals out indices into the training tensors; it gets a generator of its own: each new iterator
-    # draws a seed from it, and drawing from the global one instead would shift the augmentation's random stream
-    # between a resumed run and an uninterrupted one
-    train_dataloader = plugin.prepare_dataloader(TensorDataset(torch.arange(len(tensors["train"]))),
-                                                 batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                                 generator=torch.Generator().manual_seed(args.seed),
-                                                 distributed_sampler_cls=partial(DistributedSampler, seed=args.seed))
-    if len(train_dataloader) == 0:
+    steps_per_epoch = math.ceil(len(images["train"]) / topology.dp_size) // args.batch_size
+    if steps_per_epoch == 0:
         raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger than "
-                       f"the {len(tensors['train'])} training images; lower --batch_size")
+                       f"the {len(images['train'])} training images; lower --batch_size")
     optimizer = build_optimizer(model, args)
-    total_steps = len(train_dataloader) * args.num_epoch
+    total_steps = steps_per_epoch * args.num_epoch
     lr_scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=total_steps,
                                            warmup_steps=int(args.warmup_ratio * total_steps))
-    model, optimizer, _, train_dataloader, lr_scheduler = booster.boost(
-        model, optimizer, dataloader=train_dataloader, lr_scheduler=lr_scheduler)
+    model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+    boosted = Boosted(model, optimizer, lr_scheduler, booster, topology)
 
     def save_checkpoint(progress):
         if args.keep_checkpoints:
@@ -267,12 +272,12 @@ def main():
                                        args.keep_checkpoints)
 
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0, "epoch_data_wait": 0.0,
-                "epochs": [], "images_trained": 0, "train_seconds": 0.0, "evaluation_seconds": 0.0}
+                "epochs": [], "images_trained": 0, "train_seconds": 0.0, "evaluation_seconds": 0.0, "unreadable": []}
     if resume_from:
         progress = checkpoint.load_checkpoint(booster, model, optimizer, lr_scheduler, resume_from)
         if is_master:
             print(f"resuming from {resume_from}: epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']} "
-                  f"of {len(train_dataloader)}")
+                  f"of {steps_per_epoch}")
     elif args.resume_from and is_master:
         print(f"no checkpoint under {checkpoint.checkpoint_root(args.output_path)} yet: starting from scratch")
     # purge_step drops what a killed run logged after the checkpoint this run resumes from
@@ -284,26 +289,26 @@ def main():
         return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
 
     for epoch in range(progress["epoch"], args.num_epoch):
-        train_dataloader.sampler.set_epoch(epoch)
-        train_epoch(model, optimizer, lr_scheduler, train_dataloader, tensors["train"], booster, topology, criterion,
-                    args, progress, save_checkpoint, writer)
+        train_epoch(boosted, images["train"], criterion, args, progress, save_checkpoint, writer)
         loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
-                                               len(train_dataloader) * topology.holds_output], device)
+                                               steps_per_epoch * topology.holds_output], device)
         epoch_results = {"epoch": epoch + 1, "train_loss": loss_sum / loss_count,
                          "data_wait_seconds": progress["epoch_data_wait"]}
         evaluation_start = time.perf_counter()
         for split in ("validation", "test"):
-            if split in tensors:
-                epoch_results[split] = evaluate(model, tensors[split], booster, topology, device, args.batch_size,
-                                                names)
+            if split in images:
+                epoch_results[split] = evaluate(boosted, images[split], device, args.batch_size, names)
         progress["evaluation_seconds"] += time.perf_counter() - evaluation_start
         progress["epochs"].append(epoch_results)
+        progress["unreadable"] = sorted(set(progress["unreadable"]).union(*(split.unreadable
+                                                                            for split in images.values())))
         progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_data_wait=0.0)
         if topology.reports:
             validation = epoch_results["validation"]
             print(f"epoch {epoch + 1}: train loss {epoch_results['train_loss']:.4f}, validation loss "
                   f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on {validation['num_examples']} "
-                  f"images; waited {epoch_results['data_wait_seconds']:.2f} s for data")
+                  f"images; waited {epoch_results['data_wait_seconds']:.2f} s for data" +
+                  (f"; left out {len(progress['unreadable'])} unreadable images" if progress["unreadable"] else ""))
             writer.add_scalar("train/epoch_loss", epoch_results["train_loss"], progress["global_step"])
             writer.add_scalar("train/data_wait_seconds", epoch_results["data_wait_seconds"], progress["global_step"])
             for split in ("validation", "test"):
@@ -318,6 +323,8 @@ def main():
         print(f"test: loss {final['test']['loss']:.4f}, accuracy {final['test']['accuracy']:.4f} on "
               f"{final['test']['num_examples']} images")
 
+    unreadable_on_ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(unreadable_on_ranks, progress["unreadable"])
     with checkpoint.write_errors_named(args.output_path):
         booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
         if is_master:
@@ -327,7 +334,11 @@ def main():
             results = {
                 "config": {**vars(args), "world_size": dist.get_world_size(), "data_parallel_size": topology.dp_size,
                            "device": str(device), "label_names": names,
-                           "num_train_examples": len(tensors["train"])},
+                           "num_train_examples": len(images["train"])},
+                "data": {"mode": "cache" if images["train"].cached else "stream", "num_examples":
+                         {name: len(split_images) for name, split_images in images.items()},
+                         "unreadable": sorted(set().union(*unreadable_on_ranks))},
+                "memory": peak_memory(device),
                 "epochs": progress["epochs"],
                 "test": final.get("test"),
                 "best_epoch": best,
