@@ -128,15 +128,21 @@ def standardise_columns(split, dataset, split_name, image_column=None, label_col
     return split.cast_column("image", ImageFeature(decode=False))
 
 
+def labels_of(split):
+    """The label column as a list, read in one batch (indexing datasets' Column object reads row by row: minutes
+    for a large split)."""
+    return split.select_columns(["labels"])[:]["labels"]
+
+
 def label_names(splits, dataset):
     """The class names, after checking that every split holds exactly the classes the train split holds."""
     names = splits["train"].features["labels"].names
-    in_train = set(splits["train"]["labels"])
+    in_train = set(labels_of(splits["train"]))
     for split_name, split in splits.items():
         if split.features["labels"].names != names:
             raise RunError(f"the {split_name} split of {dataset} names its classes {split.features['labels'].names}, "
                            f"train names them {names}; give every split the same classes")
-        present = set(split["labels"])
+        present = set(labels_of(split))
         if present != in_train:
             extra = sorted(names[i] for i in present - in_train)
             missing = sorted(names[i] for i in in_train - present)
@@ -213,6 +219,12 @@ def as_is(batch):
     return batch
 
 
+def yield_to_training(worker_id):
+    """Loader workers run at a lower priority: they fill the cores the training process leaves idle, and never
+    slow its kernel launches down."""
+    os.nice(10)
+
+
 class BatchPlan:
     """The DataLoader's batch sampler: the batches of indices of the coming pass, set before each pass, so that
     one set of persistent workers serves every epoch."""
@@ -235,7 +247,7 @@ class SplitImages:
     def __init__(self, split, decoder, device, cached, num_workers, skip_unreadable, chunk_size=64):
         self.device, self.cached, self.skip_unreadable, self.unreadable = device, cached, skip_unreadable, set()
         self.normalise = Normalise(decoder.image_processor, device)
-        self.labels = torch.tensor(split["labels"], device=device)
+        self.labels = torch.tensor(labels_of(split), device=device)
         if cached:
             self.pixel_values = torch.empty(len(split), *decoder.shape, dtype=torch.uint8, device=device)
             self.readable = torch.empty(len(split), dtype=torch.bool, device=device)
@@ -257,8 +269,8 @@ class SplitImages:
             # would shift the augmentation's random stream away from a cached (or resumed) run's
             self.loader = DataLoader(StreamedSplit(split, decoder), batch_sampler=self.plan, collate_fn=as_is,
                                      num_workers=num_workers, pin_memory=device.type == "cuda",
-                                     persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
-                                     generator=torch.Generator())
+                                     persistent_workers=num_workers > 0, generator=torch.Generator(),
+                                     worker_init_fn=yield_to_training)
 
     def __len__(self):
         return len(self.labels)

@@ -3,9 +3,12 @@
 # Colossal-AI's fused Adam kernel, end-to-end runs of run_finetuning.sh with the published settings for each plugin
 # (gemini first, as a new user's first run), then the training-step benchmark with a profile of each configuration.
 #   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash run_device_benchmarks.sh [PART]
-# PART: end_to_end, steps, both (the default: end_to_end then steps), or autotune (the batch-128 references with
-# inductor's autotuning as well: about 5 minutes). Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log,
-# profiles/, and for autotune autotune.json and .log, profiles_autotune/.
+# PART: end_to_end, steps, both (the default: end_to_end then steps), autotune (the batch-128 references with
+# inductor's autotuning as well: about 5 minutes), or streaming (about 6 minutes on an H100: a 52,000-image folder of 500x500
+# JPEGs made from beans, trained on for one epoch by a random-weight ViT-B/16 at batch 128 with torch_ddp, streamed
+# and cached, beside the same plugin's synthetic-batch rate and the Hugging Face recipe on the same folder).
+# Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
+# profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log.
 set -euo pipefail
 cd "$(dirname "$0")"
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
@@ -14,8 +17,8 @@ GPUNUM=${GPUNUM:-1}
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
 case "$PART" in
-  end_to_end | steps | both | autotune) ;;
-  *) echo "unknown PART '$PART': choose end_to_end, steps, both or autotune" >&2; exit 2 ;;
+  end_to_end | steps | both | autotune | streaming) ;;
+  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune or streaming" >&2; exit 2 ;;
 esac
 mkdir -p "$LOG_DIR"
 
@@ -67,4 +70,65 @@ fi
 if [ "$PART" = autotune ]; then
   step_table autotune CONFIGURATIONS=torch,torch_compile,torch_compile_max_autotune BATCH_SIZES=128 \
     PROFILE_DIR="$LOG_DIR/profiles_autotune"
+fi
+if [ "$PART" = streaming ]; then
+  LARGE_DATASET=${LARGE_DATASET:-$RUN_ROOT/large_beans}
+  STREAM_TRAIN_IMAGES=${STREAM_TRAIN_IMAGES:-50000}
+  STREAM_EVAL_IMAGES=${STREAM_EVAL_IMAGES:-1000}  # in validation and in test each
+  STREAM_BS=${STREAM_BS:-128}
+  vit_b=$RUN_ROOT/vit-base-patch16-224-random  # ViT-B/16 with random weights, MODEL's image processor
+  python3 -c "import sys; from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification as V
+V(ViTConfig(num_labels=3)).save_pretrained(sys.argv[1]); AutoImageProcessor.from_pretrained(sys.argv[2]).save_pretrained(sys.argv[1])" \
+    "$vit_b" "$MODEL"
+  echo "generating: $(seconds_of python3 synthesize_dataset.py --source "$DATASET" --output "$LARGE_DATASET" \
+    --train "$STREAM_TRAIN_IMAGES" --eval "$STREAM_EVAL_IMAGES") s"
+  same=(PLUGIN=torch_ddp GPUNUM=1 BS="$STREAM_BS" EPOCH=1 MODEL="$vit_b" KEEP_CHECKPOINTS=0)
+  for run in "stream large_beans" "cache large_beans" "stream beans"; do
+    read -r mode data <<<"$run"
+    dataset=$([ "$data" = beans ] && echo "$DATASET" || echo "$LARGE_DATASET")
+    wall=$(seconds_of env "${same[@]}" DATA_MODE="$mode" DATASET="$dataset" OUTPUT_PATH="$RUN_ROOT/${mode}_$data" \
+      bash run_finetuning.sh)
+    echo "example, $mode, $data: $wall s"
+    echo "${mode}_$data $wall" >>"$RUN_ROOT/streaming_walls"
+  done
+  wall=$(seconds_of sh -c "python3 hf_recipe.py --model_name_or_path $vit_b --dataset $LARGE_DATASET \
+    --batch_size $STREAM_BS --num_epoch 1 --output_path $RUN_ROOT/hf_recipe >$RUN_ROOT/hf_recipe.json")
+  echo "Hugging Face recipe, large_beans: $wall s"
+  step_table synthetic CONFIGURATIONS=torch_ddp BATCH_SIZES="$STREAM_BS"
+python3 - "$RUN_ROOT" "$LOG_DIR" "$wall" <<'PY'
+import json
+import sys
+
+run_root, log_dir, recipe_wall = sys.argv[1:]
+synthetic = json.load(open(f"{log_dir}/synthetic.json"))
+synthetic_rate = next(row["images_per_second"] for row in synthetic["rows"] if row["configuration"] == "torch_ddp")
+rows = {}
+for line in open(f"{run_root}/streaming_walls"):
+    name, wall = line.split()
+    results = json.load(open(f"{run_root}/{name}/results.json"))
+    seconds = results["seconds"]
+    rows[f"example, {name.replace('_', ', ', 1)}"] = {
+        "wall_seconds": float(wall), "train_images": results["data"]["num_examples"]["train"],
+        "images_per_second": results["train_images_per_second"], "data_wait_share": seconds["data_wait"] / seconds["train"],
+        "setup_seconds": seconds["setup"], **results["memory"],
+        "validation_accuracy": results["epochs"][-1]["validation"]["accuracy"]}
+recipe = json.loads(open(f"{run_root}/hf_recipe.json").read().splitlines()[-1])
+rows["Hugging Face recipe (8 workers), large_beans"] = {
+    "wall_seconds": float(recipe_wall), "train_images": rows["example, stream, large_beans"]["train_images"],
+    "images_per_second": recipe["train_images_per_second"], "data_wait_share": None,
+    "setup_seconds": recipe["setup_seconds"], "peak_host_gib": recipe["peak_host_gib"],
+    "peak_gpu_gib": recipe["peak_gpu_gib"], "validation_accuracy": recipe["validation_accuracy"]}
+print(f"torch_ddp synthetic batches (vit_benchmark.py): {synthetic_rate:.0f} images/s")
+print("| run | train images | images/s | vs synthetic | data wait share | setup s | wall s | peak host GiB | "
+      "peak GPU GiB | validation accuracy |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for name, row in rows.items():
+    wait = "" if row["data_wait_share"] is None else f"{row['data_wait_share']:.1%}"
+    print(f"| {name} | {row['train_images']} | {row['images_per_second']:.0f} | "
+          f"{row['images_per_second'] / synthetic_rate:.2f}x | {wait} | {row['setup_seconds']:.1f} | "
+          f"{row['wall_seconds']:.1f} | {row['peak_host_gib']:.2f} | {row['peak_gpu_gib'] or 0:.2f} | "
+          f"{row['validation_accuracy']:.4f} |")
+json.dump({"synthetic_images_per_second": synthetic_rate, "runs": rows}, open(f"{log_dir}/streaming.json", "w"),
+          indent=2)
+PY
 fi

@@ -131,20 +131,43 @@ class Boosted:
 
 
 def train_epoch(boosted, images, criterion, args, progress, save_checkpoint, writer):
-    """Trains from step `progress["step_in_epoch"]` to the end of the epoch, updating `progress` as it goes."""
+    """Trains from step `progress["step_in_epoch"]` to the end of the epoch, updating `progress` as it goes.
+
+    A step's loss is read (which waits for the GPU to finish the step) only once the next step is queued, so the
+    GPU does not idle between steps while the CPU prepares the next one."""
     topology = boosted.topology
     batches = epoch_batches(len(images), args.batch_size, topology.dp_rank, topology.dp_size, args.seed,
                             progress["epoch"])
     boosted.model.train()
+    clock = {"start": time.perf_counter(), "seconds_before": progress["train_seconds"], "saving": 0.0}
+
+    def read(loss, step, learning_rate):
+        """Waits for step `step`'s loss, checks it and reports it."""
+        loss_value = loss.item() if topology.holds_output else 0.0
+        if not math.isfinite(loss_value):
+            raise RunError(f"training loss is {loss_value} at step {step} (epoch {progress['epoch'] + 1}); lower "
+                           "--learning_rate or check the data")
+        progress["epoch_loss_sum"] += loss_value
+        progress["train_seconds"] = (clock["seconds_before"] + time.perf_counter() - clock["start"]
+                                     - clock["saving"])
+        images_per_second = progress["images_trained"] / progress["train_seconds"]
+        bar.update()
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", img_per_s=f"{images_per_second:.1f}")
+        if writer:
+            for tag, value in (("train/loss", loss_value), ("train/learning_rate", learning_rate),
+                               ("train/images_per_second", images_per_second)):
+                writer.add_scalar(tag, value, step)
+
     with tqdm(total=len(batches), initial=progress["step_in_epoch"], desc=f"epoch {progress['epoch'] + 1}",
               disable=not topology.reports, dynamic_ncols=True) as bar:
         remaining = images.batches(batches[progress["step_in_epoch"]:])
+        unread = None  # (loss, step, learning rate) of the last step queued
         while True:
-            step_start = time.perf_counter()
+            fetch_start = time.perf_counter()
             pixel_values, labels, _ = next(remaining, (None, None, None))
             if pixel_values is None:
                 break
-            progress["epoch_data_wait"] += time.perf_counter() - step_start
+            progress["epoch_data_wait"] += time.perf_counter() - fetch_start
             batch = {"pixel_values": random_resized_crop_and_flip(pixel_values) if args.augment else pixel_values,
                      "labels": labels}
             loss, _ = forward_backward(boosted, batch, criterion, train=True)
@@ -154,25 +177,19 @@ def train_epoch(boosted, images, criterion, args, progress, save_checkpoint, wri
             progress["step_in_epoch"] += 1
             progress["global_step"] += 1
             progress["images_trained"] += len(labels) * topology.dp_size
-            loss_value = loss.item() if topology.holds_output else 0.0  # .item() waits for the step to finish
-            progress["train_seconds"] += time.perf_counter() - step_start
-            if not math.isfinite(loss_value):
-                raise RunError(f"training loss is {loss_value} at step {progress['global_step']} (epoch "
-                               f"{progress['epoch'] + 1}); lower --learning_rate or check the data")
-            progress["epoch_loss_sum"] += loss_value
-            learning_rate = boosted.lr_scheduler.get_last_lr()[0]
-            images_per_second = progress["images_trained"] / progress["train_seconds"]
-            bar.update()
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", img_per_s=f"{images_per_second:.1f}")
-            if writer:
-                for tag, value in (("train/loss", loss_value), ("train/learning_rate", learning_rate),
-                                   ("train/images_per_second", images_per_second)):
-                    writer.add_scalar(tag, value, progress["global_step"])
+            if unread:
+                read(*unread)
+            unread = (loss, progress["global_step"], boosted.lr_scheduler.get_last_lr()[0])
             # the last step of an epoch is saved after the evaluation, with the epoch's results
             if (args.save_every and progress["global_step"] % args.save_every == 0
                     and progress["step_in_epoch"] < len(batches)):
+                read(*unread)
+                unread = None
+                saving_start = time.perf_counter()
                 save_checkpoint(progress)
-    return len(batches)
+                clock["saving"] += time.perf_counter() - saving_start
+        if unread:
+            read(*unread)
 
 
 @torch.no_grad()

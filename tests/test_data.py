@@ -1,3 +1,4 @@
+import argparse
 import shutil
 
 import pytest
@@ -7,13 +8,23 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from conftest import BEANS_DIR, LABELS, MODEL_DIR, copy_beans
-from data import RunError, label_names, load_splits, random_resized_crop_and_flip, standardise_columns, to_tensors
+from conftest import BEANS_DIR, LABELS, MODEL_DIR, copy_beans, write_hub_snapshot
+from data import (Decoder, RunError, SplitImages, device_images, epoch_batches, evaluation_batches, label_names,
+                  limit_samples, load_splits, random_resized_crop_and_flip, standardise_columns)
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def image_processor():
     return AutoImageProcessor.from_pretrained(MODEL_DIR, use_fast=False)
+
+
+def to_tensors(split, image_processor, cached=True, skip_unreadable=False):
+    """Every image of `split` as model input, and its labels, through SplitImages in one batch."""
+    images = SplitImages(split, Decoder(image_processor), CPU, cached, num_workers=1, skip_unreadable=skip_unreadable)
+    pixel_values, labels, _ = next(images.batches([list(range(len(split)))]))
+    return pixel_values, labels
 
 
 def test_local_beans_loads_with_its_splits_and_labels():
@@ -22,13 +33,29 @@ def test_local_beans_loads_with_its_splits_and_labels():
     assert label_names(splits, str(BEANS_DIR)) == LABELS
 
 
-def test_whole_split_becomes_normalised_tensors(image_processor):
-    validation = to_tensors(load_splits(str(BEANS_DIR))["validation"], image_processor)
-    pixel_values, labels = validation.tensors
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "streamed"])
+def test_whole_split_becomes_normalised_tensors(image_processor, cached):
+    pixel_values, labels = to_tensors(load_splits(str(BEANS_DIR))["validation"], image_processor, cached)
     assert pixel_values.shape == (133, 3, 224, 224) and pixel_values.dtype == torch.float32
     assert torch.bincount(labels).tolist() == [44, 45, 44]
     # ImageNet mean/std normalisation: values spread around 0, within the range of (0 - 0.485) / 0.229 and so on
     assert -2.2 < pixel_values.min() < -1.0 and 1.0 < pixel_values.max() < 2.7
+    # the image processor's own preprocessing, up to its float rounding of the same uint8 pixels
+    reference = image_processor([Image.open(path).convert("RGB") for path in
+                                 sorted((BEANS_DIR / "validation" / "angular_leaf_spot").iterdir())[:4]],
+                                return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixel_values[:4], reference, atol=1e-5)
+
+
+def test_cached_and_streamed_batches_are_the_same(image_processor):
+    split = load_splits(str(BEANS_DIR))["train"].select(range(40))
+    decoder = Decoder(image_processor)
+    index_batches = [[3, 1, 4], [1, 5, 9, 2, 6], [39]]
+    cached, streamed = (list(SplitImages(split, decoder, CPU, cached, num_workers=2, skip_unreadable=False)
+                             .batches(index_batches)) for cached in (True, False))
+    for (cached_pixels, cached_labels, _), (streamed_pixels, streamed_labels, _) in zip(cached, streamed):
+        assert torch.equal(cached_pixels, streamed_pixels) and torch.equal(cached_labels, streamed_labels)
+    assert [len(labels) for _, labels, _ in streamed] == [3, 5, 1]
 
 
 def test_hub_style_columns_are_renamed():
@@ -50,7 +77,7 @@ def test_any_image_mode_becomes_rgb(tmp_path, image_processor, mode):
     converted = rgb.convert("L").convert(mode) if mode == "I;16" else rgb.convert(mode)
     converted.save(rgb_path.with_suffix(".jpg" if mode in ("L", "CMYK") else ".png"))
     rgb.save(beans / "train" / "healthy" / "reference.png")
-    pixel_values, labels = to_tensors(load_splits(str(beans))["train"], image_processor).tensors
+    pixel_values, labels = to_tensors(load_splits(str(beans))["train"], image_processor)
     assert pixel_values.shape == (7, 3, 224, 224) and torch.isfinite(pixel_values).all()
     if mode == "RGBA":  # an opaque RGBA picture must give exactly the pixels of its RGB original
         healthy = pixel_values[labels == 2]
@@ -105,25 +132,34 @@ def test_file_that_is_not_an_image_is_named(tmp_path):
 
 def test_directory_without_images_is_named(tmp_path):
     (tmp_path / "beans" / "train").mkdir(parents=True)
-    with pytest.raises(RunError, match=f"no images found under {tmp_path / 'beans'}"):
+    with pytest.raises(RunError, match=f"{tmp_path / 'beans'} holds none of the accepted dataset layouts "
+                                       r"\(found: train/\)"):
         load_splits(str(tmp_path / "beans"))
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "streamed"])
 @pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
-def test_unreadable_image_is_named(tmp_path, image_processor, damage):
+def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, image_processor, damage, cached):
     beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "validation"))
     broken = sorted((beans / "train" / "bean_rust").iterdir())[0]
     content = broken.read_bytes()
     broken.write_bytes(content[:len(content) // 2] if damage == "truncated" else b"<html>not a picture</html>")
-    with pytest.raises(RunError, match=f"cannot read image {broken}"):
-        to_tensors(load_splits(str(beans))["train"], image_processor)
+    train = load_splits(str(beans))["train"]
+    with pytest.raises(RunError, match=f"cannot read image {broken}: .*; replace or remove it, or pass "
+                                       "--skip_unreadable"):
+        to_tensors(train, image_processor, cached)
+    images = SplitImages(train, Decoder(image_processor), CPU, cached, num_workers=1, skip_unreadable=True)
+    pixel_values, labels, readable = next(images.batches([list(range(6))]))
+    assert readable.tolist() == [True, True, False, True, True, True] and len(pixel_values) == len(labels) == 5
+    assert torch.bincount(labels).tolist() == [2, 1, 2]
+    assert [reason.split(": ")[0] for reason in images.unreadable] == [str(broken)]
 
 
 @pytest.mark.parametrize("size", [(1, 1), (10000, 10000)])
 def test_tiny_and_huge_images_are_resized(tmp_path, image_processor, size):
     beans = copy_beans(tmp_path / "beans", per_label=1, splits=("train", "validation"))
     Image.new("RGB", size, (40, 160, 60)).save(beans / "train" / "healthy" / "odd_size.jpg")
-    pixel_values, _ = to_tensors(load_splits(str(beans))["train"], image_processor).tensors
+    pixel_values, _ = to_tensors(load_splits(str(beans))["train"], image_processor)
     assert pixel_values.shape == (4, 3, 224, 224) and torch.isfinite(pixel_values).all()
 
 
@@ -136,7 +172,7 @@ def test_exif_rotated_photo_is_turned_upright(tmp_path, image_processor):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: the stored pixels must be turned 90 degrees clockwise to be upright
     upright.transpose(Image.Transpose.ROTATE_90).save(beans / "train" / "healthy" / "rotated.png", exif=exif)
-    pixel_values, labels = to_tensors(load_splits(str(beans))["train"], image_processor).tensors
+    pixel_values, labels = to_tensors(load_splits(str(beans))["train"], image_processor)
     healthy = pixel_values[labels == 2]
     assert len(healthy) == 2 and torch.equal(healthy[0], healthy[1])
 
@@ -149,7 +185,7 @@ def test_label_sets_that_differ_across_splits_are_named(tmp_path):
 
 
 def test_augmentation_crops_and_flips_each_image_on_its_own(image_processor):
-    pixel_values, _ = to_tensors(load_splits(str(BEANS_DIR))["validation"].select(range(16)), image_processor).tensors
+    pixel_values, _ = to_tensors(load_splits(str(BEANS_DIR))["validation"].select(range(16)), image_processor)
     torch.manual_seed(0)
     augmented = random_resized_crop_and_flip(pixel_values)
     assert augmented.shape == pixel_values.shape and torch.isfinite(augmented).all()
@@ -159,3 +195,97 @@ def test_augmentation_crops_and_flips_each_image_on_its_own(image_processor):
     same = [torch.allclose(w, p, atol=1e-4) for w, p in zip(whole, pixel_values)]
     mirrored = [torch.allclose(w, p.flip(-1), atol=1e-4) for w, p in zip(whole, pixel_values)]
     assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
+
+
+def test_hub_snapshot_with_hub_column_names_loads_like_the_image_folder(tmp_path):
+    beans = copy_beans(tmp_path / "folder", per_label=3)
+    snapshot = write_hub_snapshot(beans, tmp_path / "snapshot")
+    (snapshot / "README.md").unlink()  # a snapshot without its dataset card loads all the same
+    splits = load_splits(str(snapshot))
+    assert {name: len(split) for name, split in splits.items()} == {"train": 9, "validation": 9, "test": 9}
+    assert label_names(splits, str(snapshot)) == LABELS
+    assert splits["train"][0]["image"]["bytes"] is not None  # the images are inside the parquet shards
+
+
+def test_save_to_disk_folder_loads(tmp_path):
+    splits = load_splits(str(copy_beans(tmp_path / "folder", per_label=2)))
+    splits.save_to_disk(str(tmp_path / "saved"))
+    saved = load_splits(str(tmp_path / "saved"))
+    assert {name: len(split) for name, split in saved.items()} == {"train": 6, "validation": 6, "test": 6}
+    saved["train"].save_to_disk(str(tmp_path / "one_split"))
+    with pytest.raises(RunError, match="holds a single Dataset saved with save_to_disk; save a DatasetDict"):
+        load_splits(str(tmp_path / "one_split"))
+
+
+@pytest.mark.parametrize("name", ["val", "valid", "dev"])
+def test_other_names_of_the_validation_split_are_recognised(tmp_path, name):
+    beans = copy_beans(tmp_path / "beans", per_label=2)
+    (beans / "validation").rename(beans / name)
+    assert len(load_splits(str(beans))["validation"]) == 6
+
+
+def test_folder_of_no_accepted_layout_is_named_with_the_layouts(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_text("path,label\n")
+    (tmp_path / "notes.txt").write_text("leaves")
+    with pytest.raises(RunError, match=r"holds none of the accepted dataset layouts \(found: data/, notes.txt\); "
+                                       r"accepted: split/label/image folders .*parquet or arrow shards.*save_to_disk"):
+        load_splits(str(tmp_path))
+
+
+def test_columns_are_found_by_type_or_named(tmp_path):
+    features = Features({"photo": ImageFeature(), "thumbnail": ImageFeature(), "disease": Value("string")})
+    image = str(next((BEANS_DIR / "test" / "healthy").iterdir()))
+    split = Dataset.from_dict({"photo": [image] * 2, "thumbnail": [image] * 2, "disease": ["rust", "healthy"]},
+                              features=features)
+    with pytest.raises(RunError, match="the train split has 2 image columns .*; name the one to use with --image_column"):
+        standardise_columns(split, "leaves", "train")
+    with pytest.raises(RunError, match="--image_column picture is not a column of the train split "
+                                       "\\(columns: photo, thumbnail, disease\\)"):
+        standardise_columns(split, "leaves", "train", image_column="picture")
+    named = standardise_columns(split, "leaves", "train", image_column="photo", label_column="disease")
+    assert named.features["labels"].names == ["healthy", "rust"] and named["labels"] == [1, 0]
+
+
+def test_sample_limits_take_a_seeded_subset_of_each_split():
+    splits = load_splits(str(BEANS_DIR))
+    limited = limit_samples(splits, 100, 20, seed=1)
+    assert {name: len(split) for name, split in limited.items()} == {"train": 100, "validation": 20, "test": 20}
+    assert limited["train"]["image"] == limit_samples(splits, 100, 20, seed=1)["train"]["image"]
+    assert limit_samples(splits, None, 500, seed=1)["validation"].num_rows == 133
+
+
+def demo_args(**overrides):
+    return argparse.Namespace(**{"data_mode": "auto", "cache_budget_gib": None, "num_workers": 2,
+                                 "skip_unreadable": False, **overrides})
+
+
+def test_data_over_the_cache_budget_streams_and_says_why(image_processor):
+    splits = load_splits(str(BEANS_DIR))
+    lines = []
+    images = device_images(splits, image_processor, CPU, demo_args(cache_budget_gib=0.1), lines.append)
+    assert lines == ["data: streaming 1295 images through 2 loader workers (0.18 GiB as uint8, over the 0.10 GiB "
+                     "budget (--cache_budget_gib))"]
+    assert not images["train"].cached
+    small = limit_samples(splits, 64, 16, seed=0)
+    images = device_images(small, image_processor, CPU, demo_args(cache_budget_gib=0.1), lines.append)
+    assert lines[-1] == "data: caching all 96 images on cpu (0.01 GiB as uint8, within the 0.10 GiB budget " \
+                        "(--cache_budget_gib))"
+    assert images["validation"].cached and len(images["validation"]) == 16
+
+
+def test_epoch_batches_deal_one_shuffled_order_across_ranks():
+    one = epoch_batches(40, 8, 0, 1, seed=3, epoch=2)
+    assert len(one) == 5 and sorted(sum(one, [])) == list(range(40))
+    two = [epoch_batches(40, 4, rank, 2, seed=3, epoch=2) for rank in (0, 1)]
+    # the global batch of step s is the same 8 images whatever the number of ranks
+    assert all(sorted(one[step]) == sorted(two[0][step] + two[1][step]) for step in range(5))
+    assert epoch_batches(40, 8, 0, 1, seed=3, epoch=3) != one
+    assert len(epoch_batches(41, 8, 0, 1, seed=0, epoch=0)) == 5  # the last, partial batch is dropped
+
+
+def test_evaluation_batches_cover_every_example_once_with_equal_shapes_on_every_rank():
+    shards = [evaluation_batches(133, 32, rank, 3) for rank in range(3)]
+    assert [[len(batch) for batch in shard] for shard in shards] == [[32, 13]] * 3
+    positions = sorted(sum(sum(shards, []), []))
+    assert positions == list(range(135))  # 133 examples and two padding positions past the end
