@@ -68,7 +68,8 @@ def main():
                       train_dataset=prepared["train"], eval_dataset=prepared["validation"])
     setup_seconds = time.perf_counter() - PROCESS_START
     train_metrics = trainer.train().metrics
-    results = {"setup_seconds": setup_seconds, "train_seconds": train_metrics["train_runtime"],
+    results = {"setup_seconds": setup_seconds, "train_images": len(prepared["train"]) * args.num_epoch,
+               "train_seconds": train_metrics["train_runtime"],
                "train_images_per_second": train_metrics["train_samples_per_second"]}
     for split in ("validation", "test"):
         if split in prepared:

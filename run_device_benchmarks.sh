@@ -76,6 +76,7 @@ if [ "$PART" = streaming ]; then
   STREAM_TRAIN_IMAGES=${STREAM_TRAIN_IMAGES:-50000}
   STREAM_EVAL_IMAGES=${STREAM_EVAL_IMAGES:-1000}  # in validation and in test each
   STREAM_BS=${STREAM_BS:-128}
+  STREAM_WORKERS=${STREAM_WORKERS:-default}  # loader worker counts of the streamed runs (default: the example's)
   vit_b=$RUN_ROOT/vit-base-patch16-224-random  # ViT-B/16 with random weights, MODEL's image processor
   python3 -c "import sys; from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification as V
 V(ViTConfig(num_labels=3)).save_pretrained(sys.argv[1]); AutoImageProcessor.from_pretrained(sys.argv[2]).save_pretrained(sys.argv[1])" \
@@ -83,13 +84,16 @@ V(ViTConfig(num_labels=3)).save_pretrained(sys.argv[1]); AutoImageProcessor.from
   echo "generating: $(seconds_of python3 synthesize_dataset.py --source "$DATASET" --output "$LARGE_DATASET" \
     --train "$STREAM_TRAIN_IMAGES" --eval "$STREAM_EVAL_IMAGES") s"
   same=(PLUGIN=torch_ddp GPUNUM=1 BS="$STREAM_BS" EPOCH=1 MODEL="$vit_b" KEEP_CHECKPOINTS=0)
-  for run in "stream large_beans" "cache large_beans" "stream beans"; do
-    read -r mode data <<<"$run"
+  runs=("cache large_beans default" "stream beans default")
+  for workers in $STREAM_WORKERS; do runs=("stream large_beans $workers" "${runs[@]}"); done
+  for run in "${runs[@]}"; do
+    read -r mode data workers <<<"$run"
     dataset=$([ "$data" = beans ] && echo "$DATASET" || echo "$LARGE_DATASET")
-    wall=$(seconds_of env "${same[@]}" DATA_MODE="$mode" DATASET="$dataset" OUTPUT_PATH="$RUN_ROOT/${mode}_$data" \
-      bash run_finetuning.sh)
-    echo "example, $mode, $data: $wall s"
-    echo "${mode}_$data $wall" >>"$RUN_ROOT/streaming_walls"
+    name=${mode}_${data}_$workers
+    wall=$(seconds_of env "${same[@]}" DATA_MODE="$mode" DATASET="$dataset" OUTPUT_PATH="$RUN_ROOT/$name" \
+      NUM_WORKERS="$([ "$workers" = default ] || echo "$workers")" bash run_finetuning.sh)
+    echo "example, $mode, $data, $workers workers: $wall s"
+    echo "$name $mode $data $wall" >>"$RUN_ROOT/streaming_walls"
   done
   wall=$(seconds_of sh -c "python3 hf_recipe.py --model_name_or_path $vit_b --dataset $LARGE_DATASET \
     --batch_size $STREAM_BS --num_epoch 1 --output_path $RUN_ROOT/hf_recipe >$RUN_ROOT/hf_recipe.json")
@@ -104,17 +108,18 @@ synthetic = json.load(open(f"{log_dir}/synthetic.json"))
 synthetic_rate = next(row["images_per_second"] for row in synthetic["rows"] if row["configuration"] == "torch_ddp")
 rows = {}
 for line in open(f"{run_root}/streaming_walls"):
-    name, wall = line.split()
+    name, mode, data, wall = line.split()
     results = json.load(open(f"{run_root}/{name}/results.json"))
     seconds = results["seconds"]
-    rows[f"example, {name.replace('_', ', ', 1)}"] = {
+    how = f"streamed, {results['data']['num_workers']} workers" if mode == "stream" else "cached"
+    rows[f"example, {data}, {how}"] = {
         "wall_seconds": float(wall), "train_images": results["data"]["num_examples"]["train"],
         "images_per_second": results["train_images_per_second"], "data_wait_share": seconds["data_wait"] / seconds["train"],
         "setup_seconds": seconds["setup"], **results["memory"],
         "validation_accuracy": results["epochs"][-1]["validation"]["accuracy"]}
 recipe = json.loads(open(f"{run_root}/hf_recipe.json").read().splitlines()[-1])
 rows["Hugging Face recipe (8 workers), large_beans"] = {
-    "wall_seconds": float(recipe_wall), "train_images": rows["example, stream, large_beans"]["train_images"],
+    "wall_seconds": float(recipe_wall), "train_images": recipe["train_images"],
     "images_per_second": recipe["train_images_per_second"], "data_wait_share": None,
     "setup_seconds": recipe["setup_seconds"], "peak_host_gib": recipe["peak_host_gib"],
     "peak_gpu_gib": recipe["peak_gpu_gib"], "validation_accuracy": recipe["validation_accuracy"]}

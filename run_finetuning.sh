@@ -10,6 +10,7 @@ DATASET=${DATASET:-beans}                    # hub id, or a local image folder, 
 DATA_MODE=${DATA_MODE:-auto}                 # cache (decode once, keep on the GPU), stream (loader workers) or auto
 CACHE_BUDGET_GIB=${CACHE_BUDGET_GIB:-}       # most memory the cache may take (auto: a quarter of the free memory)
 NUM_WORKERS=${NUM_WORKERS:-}                 # loader workers decoding streamed images (default: the cores but one)
+SKIP_UNREADABLE=${SKIP_UNREADABLE:-0}        # 1: leave unreadable images out (named in results.json), 0: stop
 OUTPUT_PATH=${OUTPUT_PATH:-./output_model}   # fine-tuned model, image processor and results.json
 PLUGIN=${PLUGIN:-gemini}                     # torch_ddp, torch_ddp_fp16, low_level_zero, gemini or hybrid_parallel
 TP_SIZE=${TP_SIZE:-1}                        # tensor-parallel size (hybrid_parallel only)
@@ -63,6 +64,7 @@ fi
   --seed "$SEED" \
   --label_smoothing "$LABEL_SMOOTHING" \
   $([ "$AUGMENT" = 1 ] && echo --augment || echo --no-augment) \
+  $([ "$SKIP_UNREADABLE" = 1 ] && echo --skip_unreadable || echo --no-skip_unreadable) \
   --save_every "$SAVE_EVERY" \
   --keep_checkpoints "$KEEP_CHECKPOINTS" \
   ${RESUME:+--resume_from "$RESUME"} \

@@ -322,10 +322,11 @@ def main():
         progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_data_wait=0.0)
         if topology.reports:
             validation = epoch_results["validation"]
+            unreadable = len(progress["unreadable"])
             print(f"epoch {epoch + 1}: train loss {epoch_results['train_loss']:.4f}, validation loss "
                   f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on {validation['num_examples']} "
                   f"images; waited {epoch_results['data_wait_seconds']:.2f} s for data" +
-                  (f"; left out {len(progress['unreadable'])} unreadable images" if progress["unreadable"] else ""))
+                  (f"; left out {unreadable} unreadable image{'s' * (unreadable > 1)}" if unreadable else ""))
             writer.add_scalar("train/epoch_loss", epoch_results["train_loss"], progress["global_step"])
             writer.add_scalar("train/data_wait_seconds", epoch_results["data_wait_seconds"], progress["global_step"])
             for split in ("validation", "test"):
@@ -352,7 +353,8 @@ def main():
                 "config": {**vars(args), "world_size": dist.get_world_size(), "data_parallel_size": topology.dp_size,
                            "device": str(device), "label_names": names,
                            "num_train_examples": len(images["train"])},
-                "data": {"mode": "cache" if images["train"].cached else "stream", "num_examples":
+                "data": {"mode": "cache" if images["train"].cached else "stream",
+                         "num_workers": images["train"].num_workers, "num_examples":
                          {name: len(split_images) for name, split_images in images.items()},
                          "unreadable": sorted(set().union(*unreadable_on_ranks))},
                 "memory": peak_memory(device),

@@ -11,7 +11,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import pipeline
 
-from conftest import BEANS_DIR, LABELS, MODEL_DIR, ROOT, copy_beans
+from conftest import BEANS_DIR, LABELS, MODEL_DIR, ROOT, copy_beans, write_hub_snapshot
+from data import load_splits
 
 
 def run_finetuning(output_path, **variables):
@@ -37,7 +38,11 @@ def check_metrics(metrics, num_examples):
 
 
 def check_schema(results, num_epoch, num_validation=133, num_test=128):
-    assert set(results) == {"config", "epochs", "test", "best_epoch", "train_images_per_second", "seconds"}
+    assert set(results) == {"config", "data", "memory", "epochs", "test", "best_epoch", "train_images_per_second",
+                            "seconds"}
+    assert results["data"]["mode"] in ("cache", "stream") and results["data"]["unreadable"] == []
+    assert results["data"]["num_examples"]["validation"] == num_validation
+    assert 0.5 < results["memory"]["peak_host_gib"] < 24
     assert [epoch["epoch"] for epoch in results["epochs"]] == list(range(1, num_epoch + 1))
     for epoch in results["epochs"]:
         assert set(epoch) == {"epoch", "train_loss", "data_wait_seconds", "validation"} | ({"test"} if num_test else set())
@@ -150,8 +155,31 @@ def test_dataset_without_test_split_skips_the_test_evaluation(tmp_path):
         assert "No CUDA GPU found: running torch_ddp on the CPU instead of gemini." in run.stdout
 
 
+def hub_snapshot(image_folder, destination):
+    return write_hub_snapshot(image_folder, destination)
+
+
+def save_to_disk_folder(image_folder, destination):
+    load_splits(str(image_folder)).save_to_disk(str(destination))
+    return destination
+
+
+def folder_with_val_split(image_folder, destination):
+    (image_folder / "validation").rename(image_folder / "val")
+    return image_folder
+
+
+@pytest.mark.parametrize("form", [hub_snapshot, save_to_disk_folder, folder_with_val_split])
+def test_each_accepted_dataset_form_trains_end_to_end(tmp_path, form):
+    dataset = form(copy_beans(tmp_path / "beans", per_label=4), tmp_path / "converted")
+    run, results = run_finetuning(tmp_path / "model", DATASET=dataset, GPUNUM=1, EPOCH=1, BS=4)
+    check_schema(results, num_epoch=1, num_validation=12, num_test=12)
+    assert results["data"]["num_examples"] == {"train": 12, "validation": 12, "test": 12}
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--dataset", "/no/such/beans", "error: dataset directory /no/such/beans does not exist"),
+    ("--dataset", str(ROOT / ".ci"), f"error: {ROOT / '.ci'} holds none of the accepted dataset layouts (found: run)"),
     ("--model_name_or_path", "/no/such/model", "error: cannot load model '/no/such/model'"),
     ("--output_path", "/proc/results", "error: cannot create --output_path /proc/results"),
 ])

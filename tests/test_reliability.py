@@ -13,6 +13,7 @@ import pytest
 from colossalai.testing import free_port
 
 from conftest import MODEL_DIR, ROOT, copy_beans
+from data import epoch_batches, load_splits
 
 SETTINGS = {"PLUGIN": "torch_ddp", "GPUNUM": 2, "BS": 3, "EPOCH": 2, "LR": 1e-4, "WARMUP_RATIO": 0.1,
             "SAVE_EVERY": 2, "KEEP_CHECKPOINTS": 3}
@@ -145,3 +146,65 @@ def test_full_disk_is_reported_with_the_path(dataset, tmp_path):
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"error: cannot write {output_path}/checkpoints/step_0000006.partial: ")
     assert "No space left on device" in last_line and "Traceback" not in run.stderr
+
+
+@pytest.fixture(scope="module")
+def streamed(dataset, tmp_path_factory):
+    """The uninterrupted run again, its images streamed because they do not fit a tiny cache budget."""
+    output, results = run_to_end(dataset, tmp_path_factory.mktemp("streamed") / "model", CACHE_BUDGET_GIB=0.001)
+    assert "data: streaming 108 images through 1 loader worker (0.02 GiB as uint8, over the 0.00 GiB budget " \
+           "(--cache_budget_gib))" in output
+    return results
+
+
+def test_streamed_run_over_two_processes_measures_what_the_cached_run_does(streamed, uninterrupted):
+    assert streamed["data"]["mode"] == "stream" and uninterrupted["data"]["mode"] == "cache"
+    assert streamed["config"]["world_size"] == 2
+    for cached_epoch, streamed_epoch in zip(uninterrupted["epochs"], streamed["epochs"]):
+        for split in ("validation", "test"):
+            cached_split, streamed_split = cached_epoch[split], streamed_epoch[split]
+            assert streamed_split["num_examples"] == cached_split["num_examples"] == 36
+            assert streamed_split["confusion_matrix"] == cached_split["confusion_matrix"]
+            assert streamed_split["loss"] == pytest.approx(cached_split["loss"], rel=1e-6)
+        assert streamed_epoch["train_loss"] == pytest.approx(cached_epoch["train_loss"], rel=1e-6)
+
+
+def test_streamed_run_killed_mid_epoch_then_resumed_ends_like_an_uninterrupted_streamed_run(dataset, tmp_path,
+                                                                                            streamed):
+    output_path = tmp_path / "model"
+    process = start_run(dataset, output_path, DATA_MODE="stream")
+    step_2 = output_path / "checkpoints" / "step_0000002"
+    wait_for(step_2.exists, process)
+    kill_job(process)
+    output, resumed = run_to_end(dataset, output_path, RESUME="latest", DATA_MODE="stream")
+    assert f"resuming from {step_2}: epoch 1, step 2 of 6" in output
+    assert metrics(resumed) == metrics(streamed)
+
+
+def break_image_met_at_step(dataset, step, batch_size):
+    """Overwrites the training image that one process meets first at `step` (1-based) of the first epoch."""
+    train = load_splits(str(dataset))["train"]
+    position = epoch_batches(len(train), batch_size, 0, 1, seed=42, epoch=0)[step - 1][0]
+    broken = train[position]["image"]["path"]
+    with open(broken, "wb") as file:
+        file.write(b"<html>not a picture</html>")
+    return broken
+
+
+def test_unreadable_image_met_while_streaming_stops_the_run_naming_it_or_is_skipped_and_counted(tmp_path):
+    dataset = copy_beans(tmp_path / "beans", per_label=12)
+    broken = break_image_met_at_step(dataset, step=4, batch_size=6)
+    settings = {"GPUNUM": 1, "BS": 6, "DATA_MODE": "stream", "EPOCH": 1}
+    returncode, output = finish(start_run(dataset, tmp_path / "stopped", **settings))
+    assert returncode == 1
+    assert output.strip().splitlines()[-1] == (f"error: cannot read image {broken}: cannot identify image file "
+                                               f"'{broken}'; replace or remove it, or pass --skip_unreadable to go "
+                                               "on without it")
+    assert "Traceback" not in output
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_0000002"]  # whole, the last before it
+    assert (checkpoints / "step_0000002" / "state_rank0.pt").exists()
+    output, results = run_to_end(dataset, tmp_path / "skipped", **settings, SKIP_UNREADABLE=1)
+    assert results["data"]["unreadable"] == [f"{broken}: cannot identify image file '{broken}'"]
+    assert "waited" in output and "s for data; left out 1 unreadable image\n" in output
+    assert results["epochs"][0]["validation"]["num_examples"] == 36
