@@ -38,6 +38,25 @@ class RunError(Exception):
     names what is wrong and the fix."""
 
 
+class UnreadableImage(RunError):
+    def __init__(self, reason):
+        super().__init__(f"cannot read image {reason}")
+        self.reason = reason  # "<path>: <what the decoder said>"
+
+
+def open_rgb(image, draft_size=0):
+    """Decodes one undecoded image cell ({"bytes", "path"}) to an upright RGB picture; a JPEG at the smallest
+    power-of-two scale that still leaves every side draft_size pixels or more (several times faster to decode)."""
+    source = io.BytesIO(image["bytes"]) if image["bytes"] else image["path"]
+    try:
+        with Image.open(source) as picture:
+            if draft_size:
+                picture.draft("RGB", (draft_size, draft_size))
+            return ImageOps.exif_transpose(picture).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UnreadableImage(f"{image['path']}: {error}") from None
+
+
 def looks_like_path(dataset):
     return dataset.startswith((os.sep, ".", "~")) or os.path.exists(dataset)
 
@@ -178,7 +197,6 @@ class Decoder:
     def __init__(self, image_processor):
         self.image_processor = image_processor
         size = image_processor.size
-        # JPEGs decode at the smallest power-of-two scale that still leaves every side this large
         self.draft_size = max(size.get("shortest_edge", 0), size.get("height", 0), size.get("width", 0))
         self.shape = tuple(self.resize([Image.new("RGB", (8, 8))]).shape[1:])
 
@@ -186,26 +204,16 @@ class Decoder:
         return self.image_processor(pictures, do_rescale=False, do_normalize=False,
                                     return_tensors="pt")["pixel_values"]
 
-    def open_rgb(self, image):
-        """One upright RGB picture, or why it cannot be read."""
-        source = io.BytesIO(image["bytes"]) if image["bytes"] else image["path"]
-        try:
-            with Image.open(source) as picture:
-                picture.draft("RGB", (self.draft_size, self.draft_size))
-                return ImageOps.exif_transpose(picture).convert("RGB"), None
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            return None, f"{image['path']}: {error}"
-
     def __call__(self, images):
         """Pixel values of the readable images, which of `images` were readable, and why the others were not."""
         pictures, readable, unreadable = [], [], []
         for image in images:
-            picture, reason = self.open_rgb(image)
-            readable.append(picture is not None)
-            if picture is None:
-                unreadable.append(reason)
-            else:
-                pictures.append(picture)
+            try:
+                pictures.append(open_rgb(image, self.draft_size))
+                readable.append(True)
+            except UnreadableImage as error:
+                readable.append(False)
+                unreadable.append(error.reason)
         pixel_values = self.resize(pictures) if pictures else torch.empty(0, *self.shape, dtype=torch.uint8)
         return {"pixel_values": pixel_values, "readable": torch.tensor(readable), "unreadable": unreadable}
 

@@ -16,8 +16,8 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     from colossalai.booster import Booster
     from colossalai.booster.plugin import TorchDDPPlugin
 
-    from data import label_names, load_splits, to_tensors
-    from vit_train_demo import Topology, evaluate, load_model
+    from data import Decoder, SplitImages, label_names, load_splits
+    from vit_train_demo import Boosted, Topology, evaluate, load_model
 
     # a bounded timeout: a rank that never arrives fails the test in two minutes instead of hanging CI
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -26,11 +26,13 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     splits = load_splits(str(BEANS_DIR))
     names = label_names(splits, str(BEANS_DIR))
     image_processor, model = load_model(str(MODEL_DIR), names)
-    validation = to_tensors(splits["validation"], image_processor)
+    device = torch.device("cpu")
+    validation = SplitImages(splits["validation"], Decoder(image_processor), device, cached=True, num_workers=0,
+                             skip_unreadable=False)
     plugin = TorchDDPPlugin()
     booster = Booster(plugin=plugin)
     model, *_ = booster.boost(model)
-    metrics = evaluate(model, validation, booster, Topology(plugin), torch.device("cpu"), batch_size, names)
+    metrics = evaluate(Boosted(model, None, None, booster, Topology(plugin)), validation, device, batch_size, names)
     if rank == 0:
         result_file.write_text(json.dumps(metrics))
     # every rank is past its last collective: leave without running the gloo group's destructor, which can hang

@@ -32,10 +32,11 @@ def test_plugin_reaches_published_accuracy_on_one_gpu(tmp_path, plugin):
     check_pipeline_classifies_test_split(output_path, results, device=0)
 
 
+@pytest.mark.parametrize("data_mode", ["cache", "stream"])
 @pytest.mark.parametrize("plugin", ["gemini", "low_level_zero", "hybrid_parallel"])
-def test_bf16_plugin_resumes_after_a_kill(tmp_path, plugin):
+def test_bf16_plugin_resumes_after_a_kill(tmp_path, plugin, data_mode):
     settings = {"PLUGIN": plugin, "GPUNUM": 1, "BS": 32, "LR": 1e-4, "EPOCH": 2, "WARMUP_RATIO": 0.3,
-                "WEIGHT_DECAY": 0.5, "SAVE_EVERY": 10, "KEEP_CHECKPOINTS": 2}
+                "WEIGHT_DECAY": 0.5, "SAVE_EVERY": 10, "KEEP_CHECKPOINTS": 2, "DATA_MODE": data_mode}
     _, uninterrupted = run_to_end(BEANS_DIR, tmp_path / "uninterrupted", **settings)
     output_path = tmp_path / "interrupted"
     process = start_run(BEANS_DIR, output_path, **settings)
@@ -45,8 +46,9 @@ def test_bf16_plugin_resumes_after_a_kill(tmp_path, plugin):
     output, resumed = run_to_end(BEANS_DIR, output_path, RESUME="latest", **settings)
     assert f"resuming from {step_10}: epoch 1, step 10 of 32" in output
     if os.environ.get("GPU_RESULTS_DIR"):
-        (Path(os.environ["GPU_RESULTS_DIR"]) / f"resume_{plugin}.json").write_text(
+        (Path(os.environ["GPU_RESULTS_DIR"]) / f"resume_{plugin}_{data_mode}.json").write_text(
             json.dumps({"uninterrupted": metrics(uninterrupted), "resumed": metrics(resumed)}))
+    assert resumed["data"]["mode"] == uninterrupted["data"]["mode"] == data_mode
     if plugin == "gemini":  # its checkpoint holds the fp32 master weights: the resumed run is the same run
         assert metrics(resumed) == metrics(uninterrupted)
     else:  # the others rebuild their fp32 master weights from the saved bf16 model, losing what bf16 rounds off
