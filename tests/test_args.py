@@ -34,6 +34,11 @@ def test_booleans_are_real_switches():
     (["--batch_size", "many"], "--batch_size"),
     (["--plugin", "deepspeed"], "--plugin"),
     (["--tp_size", "2"], "--tp_size"),
+    (["--data_mode", "disk"], "--data_mode"),
+    (["--cache_budget_gib", "0"], "--cache_budget_gib"),
+    (["--num_workers", "-1"], "--num_workers"),
+    (["--max_train_samples", "0"], "--max_train_samples"),
+    (["--data_mode", "stream", "--cache_budget_gib", "2"], "--cache_budget_gib"),
 ])
 def test_out_of_range_values_stop_with_an_argparse_error(capsys, argv, named):
     plugin = [] if "--plugin" in argv else ["--plugin", "torch_ddp"]
