@@ -7,6 +7,7 @@ when every process has finished, so a run killed while saving leaves the previou
 """
 import glob
 import os
+import pickle
 import re
 import shutil
 from contextlib import contextmanager
@@ -85,7 +86,13 @@ def load_checkpoint(booster, model, optimizer, lr_scheduler, checkpoint):
     if not os.path.isfile(state_file):
         raise RunError(f"{checkpoint} was written by another number of processes (no {os.path.basename(state_file)}); "
                        "resume with the GPUNUM it was written with")
-    state = torch.load(state_file, weights_only=False)
+    try:  # tensors and plain values only: a checkpoint folder from elsewhere cannot run code when it is loaded
+        state = torch.load(state_file, weights_only=True)
+    except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise RunError(f"{state_file} holds more than tensors and plain values, and loading it could run code "
+                       f"({named.group(1) if named else 'not a torch.save file'}); resume only from checkpoints "
+                       "this example wrote") from None
     if state["world_size"] != dist.get_world_size():
         raise RunError(f"{checkpoint} was written by {state['world_size']} processes, this run has "
                        f"{dist.get_world_size()}; resume with the GPUNUM it was written with")

@@ -1,6 +1,9 @@
 """Paths to the real beans images and the pretrained DeiT-tiny that the tests run on.
 
-They default to ../shared beside the checkout; BEANS_DIR and MODEL_DIR point elsewhere (a GPU machine's copy).
+Each is found in BEANS_DIR / MODEL_DIR if set, else in ../shared beside the checkout, else downloaded once from the
+Hugging Face hub (`beans`, written out as split/label/image; `facebook/deit-tiny-patch16-224`) into
+TEST_DATA_CACHE (default ~/.cache/vit-finetuning-tests). Offline with none of them, the tests stop with one line
+saying what to set.
 """
 import os
 import shutil
@@ -10,8 +13,47 @@ from datasets import ClassLabel, Dataset, Features, Value
 from datasets import Image as ImageFeature
 
 ROOT = Path(__file__).resolve().parent.parent
-BEANS_DIR = Path(os.environ.get("BEANS_DIR", ROOT.parent / "shared" / "datasets" / "beans"))
-MODEL_DIR = Path(os.environ.get("MODEL_DIR", ROOT.parent / "shared" / "models" / "deit-tiny-patch16-224"))
+CACHE = Path(os.environ.get("TEST_DATA_CACHE", Path.home() / ".cache" / "vit-finetuning-tests"))
+MISSING = ("the tests need the beans images and a small pretrained ViT: set BEANS_DIR (a split/label/image copy "
+           "of beans) and MODEL_DIR (facebook/deit-tiny-patch16-224 saved locally), put them in ../shared/datasets/"
+           "beans and ../shared/models/deit-tiny-patch16-224, or go online once to download them")
+
+
+def download_beans(destination):
+    from datasets import load_dataset
+
+    splits = load_dataset("beans")
+    for split_name, split in splits.items():
+        names = split.features["labels"].names
+        for number, row in enumerate(split.cast_column("image", ImageFeature(decode=False))):
+            folder = destination / split_name / names[row["labels"]]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{names[row['labels']]}_{split_name}_{number}.jpg").write_bytes(row["image"]["bytes"])
+
+
+def download_model(destination):
+    from huggingface_hub import snapshot_download
+
+    snapshot_download("facebook/deit-tiny-patch16-224", local_dir=destination)
+
+
+def locate(variable, shared, cached, download):
+    if variable in os.environ:
+        return Path(os.environ[variable])
+    if shared.exists():
+        return shared
+    if not cached.exists():
+        try:
+            download(cached.with_suffix(".partial"))
+        except Exception:  # offline, or the hub unreachable: the same one line either way
+            raise SystemExit(f"error: {MISSING}")
+        cached.with_suffix(".partial").rename(cached)
+    return cached
+
+
+BEANS_DIR = locate("BEANS_DIR", ROOT.parent / "shared" / "datasets" / "beans", CACHE / "beans", download_beans)
+MODEL_DIR = locate("MODEL_DIR", ROOT.parent / "shared" / "models" / "deit-tiny-patch16-224",
+                   CACHE / "deit-tiny-patch16-224", download_model)
 LABELS = ["angular_leaf_spot", "bean_rust", "healthy"]
 
 

@@ -289,3 +289,12 @@ def test_evaluation_batches_cover_every_example_once_with_equal_shapes_on_every_
     assert [[len(batch) for batch in shard] for shard in shards] == [[32, 13]] * 3
     positions = sorted(sum(sum(shards, []), []))
     assert positions == list(range(135))  # 133 examples and two padding positions past the end
+
+
+def test_snapshot_of_arrow_shards_loads(tmp_path):
+    load_splits(str(copy_beans(tmp_path / "folder", per_label=2))).save_to_disk(str(tmp_path / "shards"))
+    for index in (tmp_path / "shards").rglob("*.json"):  # leaves <split>/data-00000-of-00001.arrow alone
+        index.unlink()
+    splits = load_splits(str(tmp_path / "shards"))
+    assert {name: len(split) for name, split in splits.items()} == {"train": 6, "validation": 6, "test": 6}
+    assert label_names(splits, "shards") == LABELS

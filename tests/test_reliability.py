@@ -230,3 +230,28 @@ def test_streamed_run_holds_no_more_memory_on_a_dataset_four_times_larger(tmp_pa
     # that at most
     cache_growth = 1080 * 3 * 224 * 224 / 2**30
     assert peaks["large"] - peaks["small"] < cache_growth / 3, peaks
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a tampered checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_state_file_that_would_run_code_is_refused(dataset, tmp_path):
+    import torch
+
+    tampered = tmp_path / "checkpoints" / "step_0000002"
+    tampered.mkdir(parents=True)
+    marker = tmp_path / "code_ran"
+    torch.save({"progress": RunsCode(marker), "rng": None, "world_size": 1}, tampered / "state_rank0.pt")
+    returncode, output = finish(start_run(dataset, tmp_path / "model", GPUNUM=1, RESUME=tampered))
+    assert returncode == 1 and not marker.exists()
+    last_line = output.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: {tampered / 'state_rank0.pt'} holds more than tensors and plain values, "
+                                "and loading it could run code (posix.system)")
+    assert last_line.endswith("resume only from checkpoints this example wrote") and "Traceback" not in output

@@ -1,0 +1,20 @@
+"""Where the tests find their data: on a fresh clone, offline, with neither ../shared nor BEANS_DIR / MODEL_DIR."""
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import MISSING, ROOT
+
+
+def test_offline_clone_without_the_test_data_stops_with_one_line_saying_what_to_set(tmp_path):
+    clone = tmp_path / "clone"  # no ../shared beside it
+    (clone / "tests").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "conftest.py", clone / "tests")
+    shutil.copy(ROOT / "pytest.ini", clone)
+    (clone / "tests" / "test_anything.py").write_text("def test_anything():\n    pass\n")
+    env = {name: value for name, value in os.environ.items() if name not in ("BEANS_DIR", "MODEL_DIR")}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=clone, capture_output=True, text=True,
+                         env={**env, "HF_HUB_OFFLINE": "1", "TEST_DATA_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert run.returncode != 0
+    assert (run.stdout + run.stderr).strip().splitlines() == [f"error: {MISSING}"]
