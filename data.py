@@ -9,8 +9,7 @@ model's resolution, kept as uint8 (150 KB an image at 224 px, a quarter of float
 cache budget, that happens once, up front, and the result stays on the training device, so no epoch decodes a
 JPEG or copies to the device again. Otherwise the images stream: DataLoader worker processes decode every batch
 as it is needed, into pinned memory, and host and device memory stay flat however large the dataset is. Both
-paths yield the same uint8 batches on the device, which `Normalise` (and the augmentation) turn into model input
-there.
+paths hand the same uint8 pixels to `Normalise`, which turns a whole batch into model input on the device.
 """
 import io
 import math
@@ -244,7 +243,9 @@ def yield_to_training(worker_id):
 class BatchPlan:
     """The DataLoader's batch sampler: the batches of indices of the coming pass, set before each pass, so that
     one set of persistent workers serves every epoch."""
-    indices = []
+
+    def __init__(self):
+        self.indices = []
 
     def __iter__(self):
         return iter(self.indices)
@@ -327,8 +328,8 @@ def device_images(splits, image_processor, device, args, announce):
     if args.data_mode != "auto":
         why = f"--data_mode {args.data_mode}; the cache would take {size}"
     else:
-        source = ("--cache_budget_gib" if args.cache_budget_gib is not None
-                  else "a quarter of the free GPU memory" if device.type == "cuda" else "a quarter of the free host memory")
+        source = ("--cache_budget_gib" if args.cache_budget_gib is not None else
+                  f"a quarter of the free {'GPU' if device.type == 'cuda' else 'host'} memory")
         why = f"{size}, {'within' if cached else 'over'} the {budget / 2**30:.2f} GiB budget ({source})"
     line = (f"data: caching all {count} images on {device} ({why})" if cached else
             f"data: streaming {count} images through {num_workers} loader worker{'s' * (num_workers != 1)} ({why})")

@@ -82,6 +82,7 @@ def write_hub_snapshot(image_folder, destination):
         rows = {"image_file_path": [str(path) for path in paths],
                 "image": [{"bytes": path.read_bytes(), "path": path.name} for path in paths],
                 "labels": [LABELS.index(path.parent.name) for path in paths]}
-        Dataset.from_dict(rows, features=features).to_parquet(str(destination / "data" / f"{split}-00000-of-00001.parquet"))
+        shard = destination / "data" / f"{split}-00000-of-00001.parquet"
+        Dataset.from_dict(rows, features=features).to_parquet(str(shard))
     (destination / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# beans\n")
     return destination

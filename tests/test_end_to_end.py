@@ -155,10 +155,6 @@ def test_dataset_without_test_split_skips_the_test_evaluation(tmp_path):
         assert "No CUDA GPU found: running torch_ddp on the CPU instead of gemini." in run.stdout
 
 
-def hub_snapshot(image_folder, destination):
-    return write_hub_snapshot(image_folder, destination)
-
-
 def save_to_disk_folder(image_folder, destination):
     load_splits(str(image_folder)).save_to_disk(str(destination))
     return destination
@@ -169,7 +165,7 @@ def folder_with_val_split(image_folder, destination):
     return image_folder
 
 
-@pytest.mark.parametrize("form", [hub_snapshot, save_to_disk_folder, folder_with_val_split])
+@pytest.mark.parametrize("form", [write_hub_snapshot, save_to_disk_folder, folder_with_val_split])
 def test_each_accepted_dataset_form_trains_end_to_end(tmp_path, form):
     dataset = form(copy_beans(tmp_path / "beans", per_label=4), tmp_path / "converted")
     run, results = run_finetuning(tmp_path / "model", DATASET=dataset, GPUNUM=1, EPOCH=1, BS=4)
