@@ -51,8 +51,15 @@ def ratio(text):
     return value
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Says what is wrong with the flags in one line, without the whole usage (which --help gives)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="Fine-tune a pretrained ViT on an image classification dataset "
+    parser = OneLineErrors(description="Fine-tune a pretrained ViT on an image classification dataset "
                                      "through a Colossal-AI Booster.")
     parser.add_argument("--model_name_or_path", default="google/vit-base-patch16-224",
                         help="Hugging Face hub id or local directory of a pretrained ViT")
@@ -102,6 +109,9 @@ def build_parser():
                         help="random resized crop (50-100%% of the area) and horizontal flip of the training images")
     parser.add_argument("--grad_checkpoint", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in the backward pass to save memory")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' warnings and logging too (hidden: those known not to concern "
+                        "this example)")
     parser.add_argument("--seed", type=int, default=42, help="random seed")
     parser.add_argument("--save_every", type=non_negative_int, default=0,
                         help="also checkpoint every this many steps (0: only at the end of each epoch)")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict
 from datasets import Image as ImageFeature
-from datasets import load_dataset, load_from_disk
+from datasets import disable_progress_bars, load_dataset, load_from_disk
 from datasets.data_files import SPLIT_KEYWORDS
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image, ImageOps
@@ -63,6 +63,7 @@ def looks_like_path(dataset):
 def load_splits(dataset, image_column=None, label_column=None):
     """Loads a dataset as a DatasetDict with columns `image` (undecoded: {"bytes", "path"}) and `labels`."""
     if looks_like_path(dataset):
+        disable_progress_bars()  # a local copy's "Downloading data" and "Generating split" bars tell nothing
         splits = load_local(dataset)
     else:
         try:

@@ -8,9 +8,17 @@ import os
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 PROCESS_START = time.perf_counter()  # taken before the heavy imports below, so that the setup time includes them
+VERBOSE = "--verbose" in sys.argv  # read before the imports below, whose warnings it decides on
+# warnings of the libraries below about optional extras this example does not use (async checkpoint saving with
+# TensorNVMe, apex's fused RMSNorm) or about their own use of deprecated PyTorch APIs
+LIBRARY_NOISE = ("Please install the latest tensornvme", "Please install apex from source", "TypedStorage is deprecated")
+if not VERBOSE:
+    for message in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=message)
 
 import torch
 import torch.distributed as dist
@@ -20,12 +28,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoImageProcessor, ViTForImageClassification
 
-import colossalai
 from colossalai.accelerator import get_accelerator
 from colossalai.booster import Booster
 from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
+from colossalai.logging import get_dist_logger
 from colossalai.nn.lr_scheduler import CosineAnnealingWarmupLR
 from colossalai.nn.optimizer import FusedAdam
+from colossalai.utils import set_seed
 
 import checkpoint
 import report
@@ -230,6 +239,18 @@ def classification_metrics(confusion, loss_sum, names):
             "per_class": per_class, "confusion_matrix": confusion.tolist()}
 
 
+def describe_run(args, splits, model, device):
+    """The header line: what is trained, on what, how, and where it goes."""
+    sizes = ", ".join(f"{len(splits[name])} {name}" for name in ("train", "validation", "test") if name in splits)
+    processes = dist.get_world_size()
+    layout = (f" (tensor parallel {args.tp_size}, pipeline parallel {args.pp_size})"
+              if args.tp_size * args.pp_size > 1 else "")
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    return (f"fine-tuning {args.model_name_or_path} ({parameters / 1e6:.1f}M parameters) on {args.dataset} ({sizes} "
+            f"images) with {args.plugin} in {args.precision}, {processes} process{'es' * (processes > 1)} on "
+            f"{device.type}{layout}; saving to {args.output_path}")
+
+
 def peak_memory(device):
     """The most memory this process has held, on the host (resident) and on the GPU (allocated tensors)."""
     gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -240,17 +261,28 @@ def plain_cross_entropy(outputs, inputs):
     return F.cross_entropy(outputs.logits.float(), inputs["labels"])
 
 
+def init_distributed(seed):
+    """What colossalai.launch_from_torch does, with this process's GPU named to the process group up front (NCCL
+    otherwise guesses it at the first barrier, with a warning). Returns the training device."""
+    accelerator = get_accelerator()
+    if accelerator.support_set_device:
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    device = accelerator.get_current_device()
+    dist.init_process_group(accelerator.communication_backend, device_id=device if device.type == "cuda" else None)
+    set_seed(seed)
+    return device
+
+
 def main():
     start = PROCESS_START
     args = parse_demo_args()
     for name, value in SINGLE_PROCESS_ENV.items():  # so that plain `python vit_train_demo.py` runs too
         os.environ.setdefault(name, value)
-    accelerator = get_accelerator()
-    colossalai.launch_from_torch(backend=accelerator.communication_backend, seed=args.seed, verbose=False)
-    device = accelerator.get_current_device()
+    device = init_distributed(args.seed)
     is_master = dist.get_rank() == 0
-    if not is_master:
+    if not args.verbose:  # what is left of the libraries' logging: warnings that ask the user for something
         transformers.logging.set_verbosity_error()
+        get_dist_logger().set_level("WARNING")
 
     try:
         os.makedirs(args.output_path, exist_ok=True)
@@ -264,6 +296,8 @@ def main():
     names = label_names(splits, args.dataset)
     splits = limit_samples(splits, args.max_train_samples, args.max_eval_samples, args.seed)
     image_processor, model = load_model(args.model_name_or_path, names)
+    if is_master:
+        print(describe_run(args, splits, model, device))
     images = device_images(splits, image_processor, device, args, announce=print if is_master else lambda line: None)
     if "test" not in images and is_master:
         print(f"dataset {args.dataset} has no test split: skipping the test evaluation")
@@ -375,11 +409,15 @@ def main():
         print(f"saved the fine-tuned model, results.json, plots and a model card to {args.output_path} "
               f"({seconds['total']:.1f} s: setup {seconds['setup']:.1f}, training {seconds['train']:.1f} of which "
               f"data wait {seconds['data_wait']:.2f}, evaluation {seconds['evaluation']:.1f})")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except RunError as error:  # every rank says it: a diverged loss may show on one rank only
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except RunError as error:  # every rank says it (a diverged loss may show on one rank only), in one write
+        sys.stderr.write(f"error: {error}\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # at once: other ranks may wait in a collective that a clean shutdown of the process group would wait on
+        os._exit(1)

@@ -8,7 +8,9 @@ def parse_error(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         parse_demo_args(argv)
     assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(" (see --help)"), lines
+    return lines[0]
 
 
 def test_defaults_are_the_published_budget_with_the_ablation_winners():
