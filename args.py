@@ -109,7 +109,7 @@ def build_parser():
                         help="random resized crop (50-100%% of the area) and horizontal flip of the training images")
     parser.add_argument("--grad_checkpoint", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in the backward pass to save memory")
-    parser.add_argument("--verbose", action="store_true",
+    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
                         help="show the libraries' warnings and logging too (hidden: those known not to concern "
                         "this example)")
     parser.add_argument("--seed", type=int, default=42, help="random seed")

@@ -27,7 +27,11 @@ LABEL_SMOOTHING=${LABEL_SMOOTHING:-0.1}      # label smoothing of the training l
 SAVE_EVERY=${SAVE_EVERY:-0}                  # checkpoint every this many steps too (0: at epoch ends only)
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-1}      # newest checkpoints kept in OUTPUT_PATH/checkpoints (0: none)
 RESUME=${RESUME:-}                           # 'latest' or a checkpoint folder to continue from
+LAUNCHER=${LAUNCHER:-colossalai}             # colossalai (colossalai run), torchrun, or python (one process only)
+HOSTFILE=${HOSTFILE:-}                       # several nodes: a file naming one host per line (colossalai run, ssh)
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}        # rendezvous address (with HOSTFILE: the first host, unless set)
 MASTER_PORT=${MASTER_PORT:-29500}            # rendezvous port; change it to run two jobs on one machine
+VERBOSE=${VERBOSE:-0}                        # 1: every library warning, and the launcher's own failure report
 
 if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('colossalai') is None)"; then
   echo "colossalai is not installed: run 'pip install -r requirements.txt' first" >&2
@@ -39,33 +43,56 @@ if ! nvidia-smi -L >/dev/null 2>&1 && ! python3 -c "import sys, torch; sys.exit(
   PLUGIN=torch_ddp TP_SIZE=1 PP_SIZE=1
 fi
 
-# one process needs no launcher (torchrun takes 3 s to start); several get torchrun, which starts in a third of the
-# time `colossalai run` takes on one node (`colossalai run --hostfile` spans nodes)
-if [ "$GPUNUM" = 1 ]; then
-  launch=(env MASTER_PORT="$MASTER_PORT" python3)
-else
-  launch=(torchrun --nproc_per_node "$GPUNUM" --master_port "$MASTER_PORT")
+demo=(vit_train_demo.py
+  --model_name_or_path "$MODEL"
+  --dataset "$DATASET"
+  --data_mode "$DATA_MODE"
+  ${CACHE_BUDGET_GIB:+--cache_budget_gib "$CACHE_BUDGET_GIB"}
+  ${NUM_WORKERS:+--num_workers "$NUM_WORKERS"}
+  --output_path "$OUTPUT_PATH"
+  --plugin "$PLUGIN"
+  --tp_size "$TP_SIZE"
+  --pp_size "$PP_SIZE"
+  --batch_size "$BS"
+  --learning_rate "$LR"
+  --num_epoch "$EPOCH"
+  --weight_decay "$WEIGHT_DECAY"
+  --warmup_ratio "$WARMUP_RATIO"
+  --seed "$SEED"
+  --label_smoothing "$LABEL_SMOOTHING"
+  $([ "$AUGMENT" = 1 ] && echo --augment || echo --no-augment)
+  $([ "$SKIP_UNREADABLE" = 1 ] && echo --skip_unreadable || echo --no-skip_unreadable)
+  --save_every "$SAVE_EVERY"
+  --keep_checkpoints "$KEEP_CHECKPOINTS"
+  ${RESUME:+--resume_from "$RESUME"}
+  $([ "$VERBOSE" = 1 ] && echo --verbose || echo --no-verbose)
+  "$@")
+
+# each process's share of the cores for PyTorch's CPU threads (torchrun would give each process one, and say so)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / GPUNUM > 1 ? $(nproc) / GPUNUM : 1 ))}
+case "$LAUNCHER" in
+  colossalai)  # it joins its arguments into one shell command line, run on every host: each is quoted for that
+    for argument in "${!demo[@]}"; do printf -v "demo[$argument]" %q "${demo[$argument]}"; done
+    launch=(colossalai run --nproc_per_node "$GPUNUM" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+      ${HOSTFILE:+--hostfile "$HOSTFILE"}) ;;
+  torchrun)
+    launch=(torchrun --nproc_per_node "$GPUNUM" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT") ;;
+  python)
+    launch=(env MASTER_ADDR="$MASTER_ADDR" MASTER_PORT="$MASTER_PORT" python3) ;;
+  *)
+    echo "error: LAUNCHER=$LAUNCHER is not a launcher; choose colossalai, torchrun or python" >&2
+    exit 2 ;;
+esac
+if [ -n "$HOSTFILE" ] && [ "$LAUNCHER" != colossalai ]; then
+  echo "error: HOSTFILE needs LAUNCHER=colossalai (torchrun starts one node per call: run it on each node)" >&2
+  exit 2
 fi
-"${launch[@]}" vit_train_demo.py \
-  --model_name_or_path "$MODEL" \
-  --dataset "$DATASET" \
-  --data_mode "$DATA_MODE" \
-  ${CACHE_BUDGET_GIB:+--cache_budget_gib "$CACHE_BUDGET_GIB"} \
-  ${NUM_WORKERS:+--num_workers "$NUM_WORKERS"} \
-  --output_path "$OUTPUT_PATH" \
-  --plugin "$PLUGIN" \
-  --tp_size "$TP_SIZE" \
-  --pp_size "$PP_SIZE" \
-  --batch_size "$BS" \
-  --learning_rate "$LR" \
-  --num_epoch "$EPOCH" \
-  --weight_decay "$WEIGHT_DECAY" \
-  --warmup_ratio "$WARMUP_RATIO" \
-  --seed "$SEED" \
-  --label_smoothing "$LABEL_SMOOTHING" \
-  $([ "$AUGMENT" = 1 ] && echo --augment || echo --no-augment) \
-  $([ "$SKIP_UNREADABLE" = 1 ] && echo --skip_unreadable || echo --no-skip_unreadable) \
-  --save_every "$SAVE_EVERY" \
-  --keep_checkpoints "$KEEP_CHECKPOINTS" \
-  ${RESUME:+--resume_from "$RESUME"} \
-  "$@"
+if [ "$LAUNCHER" = python ] && [ "$GPUNUM" != 1 ]; then
+  echo "error: LAUNCHER=python starts one process, not GPUNUM=$GPUNUM; use LAUNCHER=colossalai or torchrun" >&2
+  exit 2
+fi
+if [ "$VERBOSE" = 1 ] || [ "$LAUNCHER" = python ]; then
+  "${launch[@]}" "${demo[@]}"
+else
+  python3 tidy_launch.py "${launch[@]}" "${demo[@]}"
+fi

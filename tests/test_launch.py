@@ -1,0 +1,87 @@
+"""run_finetuning.sh's launchers on the CPU: colossalai run (the default) across two nodes, torchrun, plain python,
+paths with spaces through each, and what a user reads of a run that works and of one that fails."""
+import os
+import re
+import subprocess
+
+import pytest
+from colossalai.testing import free_port
+
+from conftest import MODEL_DIR, ROOT, copy_beans
+from test_end_to_end import run_finetuning
+
+SETTINGS = {"PLUGIN": "torch_ddp", "BS": 6, "EPOCH": 2, "AUGMENT": 0, "LABEL_SMOOTHING": 0, "KEEP_CHECKPOINTS": 0}
+
+
+@pytest.fixture(scope="module")
+def spaced(tmp_path_factory):
+    """A folder whose name has spaces, holding a small beans copy and a link to the model."""
+    root = tmp_path_factory.mktemp("launch") / "my runs"
+    copy_beans(root / "leaf images", per_label=12)
+    os.symlink(MODEL_DIR, root / "small vit")
+    return {"root": root, "DATASET": root / "leaf images", "MODEL": root / "small vit"}
+
+
+def run_in(spaced, name, **variables):
+    output_path = spaced["root"] / name
+    return run_finetuning(output_path, **SETTINGS, DATASET=spaced["DATASET"], MODEL=spaced["MODEL"], **variables)
+
+
+def check_output(run, processes):
+    """stdout: the header, the data line, a line per epoch, the test line and the summary; stderr: progress bars."""
+    lines = run.stdout.splitlines()
+    assert [line.split(" ")[0] for line in lines] == ["fine-tuning", "data:", "epoch", "epoch", "test:", "saved"], lines
+    assert f", {processes} process{'es' * (processes > 1)} on cpu;" in lines[0]
+    # torch prints the one other line when the colossalai command imports it on a machine with CUDA_HOME and no GPU
+    shown = [text for text in re.split(r"[\r\n]", run.stderr)
+             if text.strip() and not text.startswith("No CUDA runtime is found")]
+    assert shown and all(text.startswith("epoch ") for text in shown), shown
+
+
+def test_two_nodes_train_the_same_model_as_one_node_with_two_processes(spaced, tmp_path):
+    # two names for this machine: colossalai run starts a torchrun for each, which rendezvous as two machines would
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost\n127.0.0.1\n")
+    one_node_run, one_node = run_in(spaced, "one node", GPUNUM=2)
+    two_nodes_run, two_nodes = run_in(spaced, "two nodes", GPUNUM=1, HOSTFILE=hostfile)
+    assert one_node["config"]["world_size"] == two_nodes["config"]["world_size"] == 2
+    for one, two in zip(one_node["epochs"], two_nodes["epochs"], strict=True):
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+        assert two["validation"]["loss"] == pytest.approx(one["validation"]["loss"], rel=1e-5)
+        assert two["validation"]["confusion_matrix"] == one["validation"]["confusion_matrix"]
+    check_output(one_node_run, processes=2)
+    check_output(two_nodes_run, processes=2)
+
+
+@pytest.mark.parametrize("launcher, processes", [("torchrun", 2), ("python", 1)])
+def test_each_launcher_runs_with_spaces_in_every_path(spaced, launcher, processes):
+    run, results = run_in(spaced, f"{launcher} run", LAUNCHER=launcher, GPUNUM=processes)
+    assert results["config"]["world_size"] == processes
+    assert results["config"]["dataset"] == str(spaced["DATASET"])
+    check_output(run, processes)
+
+
+@pytest.mark.parametrize("launcher", ["colossalai", "torchrun"])
+def test_a_bad_input_on_two_processes_is_said_once_and_last(tmp_path, launcher):
+    run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **{name: str(value) for name, value in SETTINGS.items()},
+                              "LAUNCHER": launcher, "GPUNUM": "2", "MASTER_PORT": str(free_port()),
+                              "MODEL": str(MODEL_DIR), "DATASET": "/no/such/beans",
+                              "OUTPUT_PATH": str(tmp_path / "model")})
+    assert run.returncode == 1
+    shown = [line for line in run.stderr.splitlines() if line.strip()]
+    assert shown[-1].startswith("error: dataset directory /no/such/beans does not exist; pass a hub id")
+    assert sum(line.startswith("error:") for line in shown) == 1
+    assert "Traceback" not in run.stderr and run.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"LAUNCHER": "mpirun"}, "error: LAUNCHER=mpirun is not a launcher; choose colossalai, torchrun or python"),
+    ({"LAUNCHER": "python", "GPUNUM": "2"}, "error: LAUNCHER=python starts one process, not GPUNUM=2"),
+    ({"LAUNCHER": "torchrun", "HOSTFILE": "hosts"}, "error: HOSTFILE needs LAUNCHER=colossalai"),
+])
+def test_a_launcher_setting_that_cannot_work_is_refused_in_one_line(variables, message):
+    run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PLUGIN": "torch_ddp", **variables})
+    assert run.returncode == 2
+    assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith(message)
