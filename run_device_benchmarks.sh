@@ -39,6 +39,20 @@ seconds_of() {  # wall seconds of a command, its output appended to end_to_end.l
 if [ "$PART" = end_to_end ] || [ "$PART" = both ]; then
   echo "kernel build: $(seconds_of python3 -c \
     'from colossalai.kernel.kernel_loader import FusedOptimizerLoader; FusedOptimizerLoader().load()') s"
+  echo "import sys" >"$RUN_ROOT/empty.py"
+  for launcher in python3 "torchrun --nproc_per_node 1" "colossalai run --nproc_per_node 1"; do
+    wall=$(seconds_of $launcher "$RUN_ROOT/empty.py")
+    echo "${launcher% --*} starting an empty script: $wall s"
+    echo "launcher:${launcher%% *} $wall" >>"$RUN_ROOT/walls"
+  done
+  # the reference: Hugging Face's recipe with the same model, data and settings (bs 32, 5 epochs, lr 3e-4, ...)
+  recipe() {
+    python3 hf_recipe.py --model_name_or_path "$MODEL" --dataset "$DATASET" --eval_every_epoch \
+      --output_path "$RUN_ROOT/hf_recipe_beans" >"$RUN_ROOT/recipe.json"
+  }
+  wall=$(seconds_of recipe)
+  echo "Hugging Face recipe: $wall s"
+  echo "recipe $wall" >>"$RUN_ROOT/walls"
   for plugin in $PLUGINS; do
     wall=$(seconds_of env PLUGIN="$plugin" GPUNUM="$GPUNUM" OUTPUT_PATH="$RUN_ROOT/$plugin" bash run_finetuning.sh)
     echo "$plugin: $wall s"
@@ -49,17 +63,30 @@ import json
 import sys
 
 run_root, summary_path = sys.argv[1:]
-summary = {}
-print("| plugin | GPUs | wall s | setup s | train s | data wait s | evaluation s | validation accuracy | test accuracy |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-for line in open(f"{run_root}/walls"):
-    plugin, wall = line.split()
+walls = dict(line.split() for line in open(f"{run_root}/walls"))
+recipe = json.loads(open(f"{run_root}/recipe.json").read().splitlines()[-1])
+recipe_wall = float(walls.pop("recipe"))
+summary = {"recipe": {"wall_seconds": recipe_wall, **recipe}, "launchers": {}, "plugins": {}}
+print("| launcher | seconds to start an empty script |")
+print("| --- | --- |")
+for name in [name for name in walls if name.startswith("launcher:")]:
+    summary["launchers"][name[len("launcher:"):]] = float(walls.pop(name))
+    print(f"| {name[len('launcher:'):]} | {summary['launchers'][name[len('launcher:'):]]:.2f} |")
+print()
+print("| run | processes | wall s | vs recipe | setup s: imports, distributed, dataset, model, images, booster | "
+      "train s | data wait s | evaluation s | validation accuracy | test accuracy |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print(f"| Hugging Face recipe | 1 | {recipe_wall:.1f} | 1.00x | {recipe['setup_seconds']:.1f} | "
+      f"{recipe['train_seconds']:.1f} | | | {recipe['validation_accuracy']:.4f} | {recipe['test_accuracy']:.4f} |")
+for plugin, wall in walls.items():
     results = json.load(open(f"{run_root}/{plugin}/results.json"))
-    summary[plugin] = {"wall_seconds": float(wall), **results}
+    summary["plugins"][plugin] = {"wall_seconds": float(wall), **results}
     seconds = results["seconds"]
-    print(f"| {plugin} | {results['config']['world_size']} | {wall} | {seconds['setup']:.1f} | {seconds['train']:.1f} | "
-          f"{seconds['data_wait']:.2f} | {seconds['evaluation']:.1f} | "
-          f"{results['epochs'][-1]['validation']['accuracy']:.4f} | {results['test']['accuracy']:.4f} |")
+    parts = ", ".join(f"{part:.1f}" for part in seconds["setup_parts"].values())
+    print(f"| {plugin} | {results['config']['world_size']} | {wall} | {float(wall) / recipe_wall:.2f}x | "
+          f"{seconds['setup']:.1f}: {parts} | {seconds['train']:.1f} | {seconds['data_wait']:.2f} | "
+          f"{seconds['evaluation']:.1f} | {results['epochs'][-1]['validation']['accuracy']:.4f} | "
+          f"{results['test']['accuracy']:.4f} |")
 json.dump(summary, open(summary_path, "w"), indent=2)
 PY
 fi

@@ -274,11 +274,12 @@ def init_distributed(seed):
 
 
 def main():
-    start = PROCESS_START
+    setup_ends = {"imports": time.perf_counter()}  # when each part of the set-up ended
     args = parse_demo_args()
     for name, value in SINGLE_PROCESS_ENV.items():  # so that plain `python vit_train_demo.py` runs too
         os.environ.setdefault(name, value)
     device = init_distributed(args.seed)
+    setup_ends["distributed"] = time.perf_counter()
     is_master = dist.get_rank() == 0
     if not args.verbose:  # what is left of the libraries' logging: warnings that ask the user for something
         transformers.logging.set_verbosity_error()
@@ -295,10 +296,13 @@ def main():
     splits = load_splits(args.dataset, args.image_column, args.label_column)
     names = label_names(splits, args.dataset)
     splits = limit_samples(splits, args.max_train_samples, args.max_eval_samples, args.seed)
+    setup_ends["dataset"] = time.perf_counter()
     image_processor, model = load_model(args.model_name_or_path, names)
+    setup_ends["model"] = time.perf_counter()
     if is_master:
         print(describe_run(args, splits, model, device))
     images = device_images(splits, image_processor, device, args, announce=print if is_master else lambda line: None)
+    setup_ends["images"] = time.perf_counter()
     if "test" not in images and is_master:
         print(f"dataset {args.dataset} has no test split: skipping the test evaluation")
     if args.grad_checkpoint:
@@ -334,7 +338,9 @@ def main():
     # purge_step drops what a killed run logged after the checkpoint this run resumes from
     writer = SummaryWriter(os.path.join(args.output_path, "tensorboard"),
                            purge_step=progress["global_step"] or None) if topology.reports else None
-    setup_seconds = time.perf_counter() - start
+    setup_ends["booster"] = time.perf_counter()
+    starts = [PROCESS_START, *setup_ends.values()]
+    setup_parts = {part: end - start for (part, end), start in zip(setup_ends.items(), starts)}
 
     def criterion(outputs, inputs):
         return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
@@ -396,9 +402,11 @@ def main():
                 "test": final.get("test"),
                 "best_epoch": best,
                 "train_images_per_second": progress["images_trained"] / progress["train_seconds"],
-                "seconds": {"setup": setup_seconds, "train": progress["train_seconds"],
+                "seconds": {"setup": sum(setup_parts.values()), "setup_parts": setup_parts,
+                            "train": progress["train_seconds"],
                             "data_wait": sum(epoch["data_wait_seconds"] for epoch in progress["epochs"]),
-                            "evaluation": progress["evaluation_seconds"], "total": time.perf_counter() - start},
+                            "evaluation": progress["evaluation_seconds"],
+                            "total": time.perf_counter() - PROCESS_START},
             }
             with open(os.path.join(args.output_path, "results.json"), "w") as file:
                 json.dump(results, file, indent=2)

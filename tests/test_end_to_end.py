@@ -54,7 +54,10 @@ def check_schema(results, num_epoch, num_validation=133, num_test=128):
     best_accuracy = max(epoch["validation"]["accuracy"] for epoch in results["epochs"])
     assert results["best_epoch"] in results["epochs"] and results["best_epoch"]["validation"]["accuracy"] == best_accuracy
     seconds = results["seconds"]
-    assert results["train_images_per_second"] > 0 and set(seconds) == {"setup", "train", "data_wait", "evaluation", "total"}
+    assert results["train_images_per_second"] > 0
+    assert set(seconds) == {"setup", "setup_parts", "train", "data_wait", "evaluation", "total"}
+    assert list(seconds["setup_parts"]) == ["imports", "distributed", "dataset", "model", "images", "booster"]
+    assert min(seconds["setup_parts"].values()) > 0
     assert 0 <= seconds["data_wait"] < seconds["train"] and seconds["setup"] + seconds["train"] < seconds["total"]
 
 
