@@ -27,7 +27,8 @@ LABEL_SMOOTHING=${LABEL_SMOOTHING:-0.1}      # label smoothing of the training l
 SAVE_EVERY=${SAVE_EVERY:-0}                  # checkpoint every this many steps too (0: at epoch ends only)
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-1}      # newest checkpoints kept in OUTPUT_PATH/checkpoints (0: none)
 RESUME=${RESUME:-}                           # 'latest' or a checkpoint folder to continue from
-LAUNCHER=${LAUNCHER:-colossalai}             # colossalai (colossalai run), torchrun, or python (one process only)
+LAUNCHER=${LAUNCHER:-auto}                   # colossalai (colossalai run), torchrun, python (one process only), or
+                                             # auto: colossalai run for several processes or nodes, else python
 HOSTFILE=${HOSTFILE:-}                       # several nodes: a file naming one host per line (colossalai run, ssh)
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}        # rendezvous address (with HOSTFILE: the first host, unless set)
 MASTER_PORT=${MASTER_PORT:-29500}            # rendezvous port; change it to run two jobs on one machine
@@ -70,6 +71,9 @@ demo=(vit_train_demo.py
 
 # each process's share of the cores for PyTorch's CPU threads (torchrun would give each process one, and say so)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / GPUNUM > 1 ? $(nproc) / GPUNUM : 1 ))}
+if [ "$LAUNCHER" = auto ]; then  # a launcher takes seconds to start (README), and one process needs none
+  LAUNCHER=$([ "$GPUNUM" = 1 ] && [ -z "$HOSTFILE" ] && echo python || echo colossalai)
+fi
 case "$LAUNCHER" in
   colossalai)  # it joins its arguments into one shell command line, run on every host: each is quoted for that
     for argument in "${!demo[@]}"; do printf -v "demo[$argument]" %q "${demo[$argument]}"; done
@@ -80,7 +84,7 @@ case "$LAUNCHER" in
   python)
     launch=(env MASTER_ADDR="$MASTER_ADDR" MASTER_PORT="$MASTER_PORT" python3) ;;
   *)
-    echo "error: LAUNCHER=$LAUNCHER is not a launcher; choose colossalai, torchrun or python" >&2
+    echo "error: LAUNCHER=$LAUNCHER is not a launcher; choose auto, colossalai, torchrun or python" >&2
     exit 2 ;;
 esac
 if [ -n "$HOSTFILE" ] && [ "$LAUNCHER" != colossalai ]; then

@@ -2,6 +2,8 @@
 
 Launch with `colossalai run --nproc_per_node N vit_train_demo.py ...` or `torchrun --nproc_per_node N ...`.
 """
+import contextlib
+import io
 import json
 import math
 import os
@@ -15,7 +17,8 @@ PROCESS_START = time.perf_counter()  # taken before the heavy imports below, so 
 VERBOSE = "--verbose" in sys.argv  # read before the imports below, whose warnings it decides on
 # warnings of the libraries below about optional extras this example does not use (async checkpoint saving with
 # TensorNVMe, apex's fused RMSNorm) or about their own use of deprecated PyTorch APIs
-LIBRARY_NOISE = ("Please install the latest tensornvme", "Please install apex from source", "TypedStorage is deprecated")
+LIBRARY_NOISE = ("Please install the latest tensornvme", "Please install apex from source", ".*but apex is not installed",
+                 "TypedStorage is deprecated", r".*torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated")
 if not VERBOSE:
     for message in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message)
@@ -54,7 +57,8 @@ def build_plugin(args):
         return LowLevelZeroPlugin(precision=args.precision, initial_scale=2**5,
                                   overlap_communication=dist.get_world_size() > 1)
     if args.plugin == "gemini":
-        return GeminiPlugin(precision=args.precision, initial_scale=2**5)
+        # pinned host memory is what gemini's asynchronous gradient reduction uses anyway (it warns if not asked)
+        return GeminiPlugin(precision=args.precision, initial_scale=2**5, pin_memory=True)
     return HybridParallelPlugin(tp_size=args.tp_size, pp_size=args.pp_size, microbatch_size=1,
                                 enable_all_optimization=True, precision=args.precision, initial_scale=1)
 
@@ -72,7 +76,14 @@ def build_optimizer(model, args):
     """AdamW in one fused kernel on the GPU: Colossal-AI's FusedAdam on gemini (which takes only its own Adam
     kernels), PyTorch's elsewhere."""
     if args.plugin == "gemini":
-        return FusedAdam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, adamw_mode=True)
+        # Colossal-AI prints two lines whenever it loads its kernel; its one-off build (a minute or two, if the
+        # install step did not do it) is still said
+        with contextlib.redirect_stdout(io.StringIO()) as kernel_log:
+            optimizer = FusedAdam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  adamw_mode=True)
+        if args.verbose or "Compiling" in kernel_log.getvalue():
+            print(kernel_log.getvalue(), end="")
+        return optimizer
     return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                              fused=torch.cuda.is_available())
 

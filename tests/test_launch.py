@@ -1,5 +1,6 @@
-"""run_finetuning.sh's launchers on the CPU: colossalai run (the default) across two nodes, torchrun, plain python,
-paths with spaces through each, and what a user reads of a run that works and of one that fails."""
+"""run_finetuning.sh's launchers on the CPU: colossalai run (the default for several processes) across two nodes,
+torchrun, plain python (the default for one), paths with spaces through each, and what a user reads of a run that
+works and of one that fails."""
 import os
 import re
 import subprocess
@@ -53,7 +54,7 @@ def test_two_nodes_train_the_same_model_as_one_node_with_two_processes(spaced, t
     check_output(two_nodes_run, processes=2)
 
 
-@pytest.mark.parametrize("launcher, processes", [("torchrun", 2), ("python", 1)])
+@pytest.mark.parametrize("launcher, processes", [("torchrun", 2), ("colossalai", 1), ("auto", 1)])
 def test_each_launcher_runs_with_spaces_in_every_path(spaced, launcher, processes):
     run, results = run_in(spaced, f"{launcher} run", LAUNCHER=launcher, GPUNUM=processes)
     assert results["config"]["world_size"] == processes
@@ -76,7 +77,7 @@ def test_a_bad_input_on_two_processes_is_said_once_and_last(tmp_path, launcher):
 
 
 @pytest.mark.parametrize("variables, message", [
-    ({"LAUNCHER": "mpirun"}, "error: LAUNCHER=mpirun is not a launcher; choose colossalai, torchrun or python"),
+    ({"LAUNCHER": "mpirun"}, "error: LAUNCHER=mpirun is not a launcher; choose auto, colossalai, torchrun or python"),
     ({"LAUNCHER": "python", "GPUNUM": "2"}, "error: LAUNCHER=python starts one process, not GPUNUM=2"),
     ({"LAUNCHER": "torchrun", "HOSTFILE": "hosts"}, "error: HOSTFILE needs LAUNCHER=colossalai"),
 ])
