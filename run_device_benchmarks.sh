@@ -73,7 +73,7 @@ for name in [name for name in walls if name.startswith("launcher:")]:
     summary["launchers"][name[len("launcher:"):]] = float(walls.pop(name))
     print(f"| {name[len('launcher:'):]} | {summary['launchers'][name[len('launcher:'):]]:.2f} |")
 print()
-print("| run | processes | wall s | vs recipe | setup s: imports, distributed, dataset, model, images, booster | "
+print("| run | processes | wall s | vs recipe | setup s: imports, distributed, dataset, model, booster, images, resume | "
       "train s | data wait s | evaluation s | validation accuracy | test accuracy |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 print(f"| Hugging Face recipe | 1 | {recipe_wall:.1f} | 1.00x | {recipe['setup_seconds']:.1f} | "

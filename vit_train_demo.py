@@ -11,6 +11,7 @@ import resource
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 PROCESS_START = time.perf_counter()  # taken before the heavy imports below, so that the setup time includes them
@@ -312,24 +313,29 @@ def main():
     setup_ends["model"] = time.perf_counter()
     if is_master:
         print(describe_run(args, splits, model, device))
-    images = device_images(splits, image_processor, device, args, announce=print if is_master else lambda line: None)
-    setup_ends["images"] = time.perf_counter()
-    if "test" not in images and is_master:
+    if "test" not in splits and is_master:
         print(f"dataset {args.dataset} has no test split: skipping the test evaluation")
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable()
 
-    plugin, booster = build_booster(model, args, device)
-    topology = Topology(plugin)
-    steps_per_epoch = math.ceil(len(images["train"]) / topology.dp_size) // args.batch_size
-    if steps_per_epoch == 0:
-        raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger than "
-                       f"the {len(images['train'])} training images; lower --batch_size")
-    optimizer = build_optimizer(model, args)
-    total_steps = steps_per_epoch * args.num_epoch
-    lr_scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=total_steps,
-                                           warmup_steps=int(args.warmup_ratio * total_steps))
-    model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+    # the images decode while the booster is set up: Pillow and NumPy let go of the GIL while they work
+    with ThreadPoolExecutor(max_workers=1) as background:
+        decoding = background.submit(device_images, splits, image_processor, device, args,
+                                     announce=print if is_master else lambda line: None)
+        plugin, booster = build_booster(model, args, device)
+        topology = Topology(plugin)
+        steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size
+        if steps_per_epoch == 0:
+            raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger "
+                           f"than the {len(splits['train'])} training images; lower --batch_size")
+        optimizer = build_optimizer(model, args)
+        total_steps = steps_per_epoch * args.num_epoch
+        lr_scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=total_steps,
+                                               warmup_steps=int(args.warmup_ratio * total_steps))
+        model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+        setup_ends["booster"] = time.perf_counter()
+        images = decoding.result()
+        setup_ends["images"] = time.perf_counter()
     boosted = Boosted(model, optimizer, lr_scheduler, booster, topology)
 
     def save_checkpoint(progress):
@@ -349,7 +355,7 @@ def main():
     # purge_step drops what a killed run logged after the checkpoint this run resumes from
     writer = SummaryWriter(os.path.join(args.output_path, "tensorboard"),
                            purge_step=progress["global_step"] or None) if topology.reports else None
-    setup_ends["booster"] = time.perf_counter()
+    setup_ends["resume"] = time.perf_counter()
     starts = [PROCESS_START, *setup_ends.values()]
     setup_parts = {part: end - start for (part, end), start in zip(setup_ends.items(), starts)}
 

@@ -56,7 +56,8 @@ def check_schema(results, num_epoch, num_validation=133, num_test=128):
     seconds = results["seconds"]
     assert results["train_images_per_second"] > 0
     assert set(seconds) == {"setup", "setup_parts", "train", "data_wait", "evaluation", "total"}
-    assert list(seconds["setup_parts"]) == ["imports", "distributed", "dataset", "model", "images", "booster"]
+    assert list(seconds["setup_parts"]) == ["imports", "distributed", "dataset", "model", "booster", "images",
+                                            "resume"]
     assert min(seconds["setup_parts"].values()) > 0
     assert 0 <= seconds["data_wait"] < seconds["train"] and seconds["setup"] + seconds["train"] < seconds["total"]
 
