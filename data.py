@@ -14,7 +14,6 @@ paths hand the same uint8 pixels to `Normalise`, which turns a whole batch into 
 import io
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -264,24 +263,23 @@ class SplitImages:
 
     def __init__(self, split, decoder, device, cached, num_workers, skip_unreadable, chunk_size=64):
         self.device, self.cached, self.skip_unreadable, self.unreadable = device, cached, skip_unreadable, set()
-        self.num_workers = 0 if cached else num_workers
+        self.num_workers = num_workers
         self.normalise = Normalise(decoder.image_processor, device)
         self.labels = torch.tensor(labels_of(split), device=device)
         if cached:
             self.pixel_values = torch.empty(len(split), *decoder.shape, dtype=torch.uint8, device=device)
             self.readable = torch.empty(len(split), dtype=torch.bool, device=device)
-            images = split.select_columns(["image"])
-
-            def decode_chunk(start):  # Pillow and NumPy release the GIL: threads decode in parallel
-                chunk = decoder(images[start:start + chunk_size]["image"])
+            # decoded once by loader worker processes, which leave the training process free to set up meanwhile
+            # (decoding threads would hold its GIL for much of the processor's work)
+            chunks = DataLoader(StreamedSplit(split, decoder), batch_size=chunk_size, collate_fn=as_is,
+                                num_workers=min(num_workers, math.ceil(len(split) / chunk_size)),
+                                worker_init_fn=yield_to_training)
+            for start, chunk in zip(range(0, len(split), chunk_size), chunks):
                 self.check(chunk["unreadable"])
                 readable = chunk["readable"]
                 self.readable[start:start + len(readable)] = readable.to(device)
                 self.pixel_values[torch.arange(start, start + len(readable))[readable]] = \
                     chunk["pixel_values"].to(device)
-
-            with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-                list(pool.map(decode_chunk, range(0, len(split), chunk_size)))
         else:
             self.plan = BatchPlan()
             # a generator of its own: the loader draws its workers' seeds from it, and drawing from the global one
@@ -332,8 +330,9 @@ def device_images(splits, image_processor, device, args, announce):
         source = ("--cache_budget_gib" if args.cache_budget_gib is not None else
                   f"a quarter of the free {'GPU' if device.type == 'cuda' else 'host'} memory")
         why = f"{size}, {'within' if cached else 'over'} the {budget / 2**30:.2f} GiB budget ({source})"
-    line = (f"data: caching all {count} images on {device} ({why})" if cached else
-            f"data: streaming {count} images through {num_workers} loader worker{'s' * (num_workers != 1)} ({why})")
+    workers = f"{num_workers} loader worker{'s' * (num_workers != 1)}"
+    line = (f"data: caching all {count} images on {device}, decoded by {workers} ({why})" if cached else
+            f"data: streaming {count} images through {workers} ({why})")
     announce(line)
     return {name: SplitImages(split, decoder, device, cached, num_workers, args.skip_unreadable)
             for name, split in splits.items()}

@@ -318,7 +318,7 @@ def main():
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable()
 
-    # the images decode while the booster is set up: Pillow and NumPy let go of the GIL while they work
+    # the images decode (in loader worker processes) while the booster is set up
     with ThreadPoolExecutor(max_workers=1) as background:
         decoding = background.submit(device_images, splits, image_processor, device, args,
                                      announce=print if is_master else lambda line: None)

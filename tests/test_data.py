@@ -269,8 +269,8 @@ def test_data_over_the_cache_budget_streams_and_says_why(image_processor):
     assert not images["train"].cached
     small = limit_samples(splits, 64, 16, seed=0)
     images = device_images(small, image_processor, CPU, demo_args(cache_budget_gib=0.1), lines.append)
-    assert lines[-1] == "data: caching all 96 images on cpu (0.01 GiB as uint8, within the 0.10 GiB budget " \
-                        "(--cache_budget_gib))"
+    assert lines[-1] == "data: caching all 96 images on cpu, decoded by 2 loader workers (0.01 GiB as uint8, " \
+                        "within the 0.10 GiB budget (--cache_budget_gib))"
     assert images["validation"].cached and len(images["validation"]) == 16
 
 
