@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md in one go, on a freshly installed GPU machine: the one-off build of
-# Colossal-AI's fused Adam kernel, end-to-end runs of run_finetuning.sh with the published settings for each plugin
-# (gemini first, as a new user's first run), then the training-step benchmark with a profile of each configuration.
+# Colossal-AI's fused Adam kernel, the start-up of each launcher, the Hugging Face recipe (hf_recipe.py) and then
+# run_finetuning.sh for each plugin with the example's defaults (gemini first, as a new user's first run), each
+# timed from the shell, then the training-step benchmark with a profile of each configuration.
 #   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash run_device_benchmarks.sh [PART]
 # PART: end_to_end, steps, both (the default: end_to_end then steps), autotune (the batch-128 references with
 # inductor's autotuning as well: about 5 minutes), or streaming (about 6 minutes on an H100: a 52,000-image folder of 500x500
@@ -63,15 +64,15 @@ import json
 import sys
 
 run_root, summary_path = sys.argv[1:]
-walls = dict(line.split() for line in open(f"{run_root}/walls"))
+walls = {name: float(wall) for name, wall in (line.split() for line in open(f"{run_root}/walls"))}
 recipe = json.loads(open(f"{run_root}/recipe.json").read().splitlines()[-1])
-recipe_wall = float(walls.pop("recipe"))
-summary = {"recipe": {"wall_seconds": recipe_wall, **recipe}, "launchers": {}, "plugins": {}}
+recipe_wall = walls.pop("recipe")
+launchers = {name.removeprefix("launcher:"): walls.pop(name) for name in list(walls) if name.startswith("launcher:")}
+summary = {"recipe": {"wall_seconds": recipe_wall, **recipe}, "launchers": launchers, "plugins": {}}
 print("| launcher | seconds to start an empty script |")
 print("| --- | --- |")
-for name in [name for name in walls if name.startswith("launcher:")]:
-    summary["launchers"][name[len("launcher:"):]] = float(walls.pop(name))
-    print(f"| {name[len('launcher:'):]} | {summary['launchers'][name[len('launcher:'):]]:.2f} |")
+for launcher, wall in launchers.items():
+    print(f"| {launcher} | {wall:.2f} |")
 print()
 print("| run | processes | wall s | vs recipe | setup s: imports, distributed, dataset, model, booster, images, resume | "
       "train s | data wait s | evaluation s | validation accuracy | test accuracy |")
@@ -80,10 +81,10 @@ print(f"| Hugging Face recipe | 1 | {recipe_wall:.1f} | 1.00x | {recipe['setup_s
       f"{recipe['train_seconds']:.1f} | | | {recipe['validation_accuracy']:.4f} | {recipe['test_accuracy']:.4f} |")
 for plugin, wall in walls.items():
     results = json.load(open(f"{run_root}/{plugin}/results.json"))
-    summary["plugins"][plugin] = {"wall_seconds": float(wall), **results}
+    summary["plugins"][plugin] = {"wall_seconds": wall, **results}
     seconds = results["seconds"]
     parts = ", ".join(f"{part:.1f}" for part in seconds["setup_parts"].values())
-    print(f"| {plugin} | {results['config']['world_size']} | {wall} | {float(wall) / recipe_wall:.2f}x | "
+    print(f"| {plugin} | {results['config']['world_size']} | {wall:.1f} | {wall / recipe_wall:.2f}x | "
           f"{seconds['setup']:.1f}: {parts} | {seconds['train']:.1f} | {seconds['data_wait']:.2f} | "
           f"{seconds['evaluation']:.1f} | {results['epochs'][-1]['validation']['accuracy']:.4f} | "
           f"{results['test']['accuracy']:.4f} |")
