@@ -107,6 +107,9 @@ def build_parser():
                         help="label smoothing of the training loss, in [0, 1)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random resized crop (50-100%% of the area) and horizontal flip of the training images")
+    parser.add_argument("--max_gpu_memory_gib", type=positive_float, default=None,
+                        help="most GPU memory this process may allocate, to share a GPU or to rehearse a smaller one "
+                        "(default: all of it)")
     parser.add_argument("--grad_checkpoint", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in the backward pass to save memory")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
@@ -137,6 +140,9 @@ def parse_demo_args(argv=None):
     if args.plugin not in CPU_PLUGINS and not torch.cuda.is_available():
         parser.error(f"--plugin {args.plugin} needs a CUDA GPU and none is available; "
                      f"on the CPU use --plugin {' or '.join(CPU_PLUGINS)}")
+    if args.max_gpu_memory_gib is not None and not torch.cuda.is_available():
+        parser.error(f"--max_gpu_memory_gib {args.max_gpu_memory_gib:g} caps GPU memory and no CUDA GPU is available; "
+                     "drop it on the CPU")
     if args.precision is None:
         on_gpu = torch.cuda.is_available()
         args.precision = "fp16" if args.plugin == "torch_ddp_fp16" else "bf16" if on_gpu else "fp32"

@@ -320,7 +320,7 @@ def device_images(splits, image_processor, device, args, announce):
     decoder = Decoder(image_processor)
     count = sum(len(split) for split in splits.values())
     cache_bytes = count * math.prod(decoder.shape)
-    budget = cache_budget(device, args.cache_budget_gib)
+    budget = cache_budget(device, args.cache_budget_gib, args.max_gpu_memory_gib)
     cached = args.data_mode == "cache" or (args.data_mode == "auto" and cache_bytes <= budget)
     num_workers = default_num_workers() if args.num_workers is None else args.num_workers
     size = f"{cache_bytes / 2**30:.2f} GiB as uint8"
@@ -338,13 +338,17 @@ def device_images(splits, image_processor, device, args, announce):
             for name, split in splits.items()}
 
 
-def cache_budget(device, budget_gib=None):
-    """Bytes the cache may take on `device`: budget_gib if given, else a quarter of what is free there (on the
-    host, a quarter of its available memory shared by this node's processes), leaving the rest for training."""
+def cache_budget(device, budget_gib=None, gpu_cap_gib=None):
+    """Bytes the cache may take on `device`: budget_gib if given, else a quarter of what is free there (within
+    gpu_cap_gib, if the GPU is capped; on the host, a quarter of its available memory shared by this node's
+    processes), leaving the rest for training."""
     if budget_gib is not None:
         return int(budget_gib * 2**30)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 4
+        free = torch.cuda.mem_get_info(device)[0]
+        if gpu_cap_gib:
+            free = min(free, int(gpu_cap_gib * 2**30) - torch.cuda.memory_reserved(device))
+        return max(free, 0) // 4
     with open("/proc/meminfo") as meminfo:
         available_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
     return available_kib * 1024 // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -26,6 +26,7 @@ AUGMENT=${AUGMENT:-1}                        # 1: random resized crop and flip o
 LABEL_SMOOTHING=${LABEL_SMOOTHING:-0.1}      # label smoothing of the training loss, in [0, 1)
 SAVE_EVERY=${SAVE_EVERY:-0}                  # checkpoint every this many steps too (0: at epoch ends only)
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-1}      # newest checkpoints kept in OUTPUT_PATH/checkpoints (0: none)
+MAX_GPU_MEMORY_GIB=${MAX_GPU_MEMORY_GIB:-}   # most GPU memory each process may take (to share a GPU; default: all)
 RESUME=${RESUME:-}                           # 'latest' or a checkpoint folder to continue from
 LAUNCHER=${LAUNCHER:-auto}                   # colossalai (colossalai run), torchrun, python (one process only), or
                                              # auto: colossalai run for several processes or nodes, else python
@@ -66,6 +67,7 @@ demo=(vit_train_demo.py
   --save_every "$SAVE_EVERY"
   --keep_checkpoints "$KEEP_CHECKPOINTS"
   ${RESUME:+--resume_from "$RESUME"}
+  ${MAX_GPU_MEMORY_GIB:+--max_gpu_memory_gib "$MAX_GPU_MEMORY_GIB"}
   $([ "$VERBOSE" = 1 ] && echo --verbose || echo --no-verbose)
   "$@")
 

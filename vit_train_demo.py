@@ -18,8 +18,9 @@ PROCESS_START = time.perf_counter()  # taken before the heavy imports below, so 
 VERBOSE = "--verbose" in sys.argv  # read before the imports below, whose warnings it decides on
 # warnings of the libraries below about optional extras this example does not use (async checkpoint saving with
 # TensorNVMe, apex's fused RMSNorm) or about their own use of deprecated PyTorch APIs
-LIBRARY_NOISE = ("Please install the latest tensornvme", "Please install apex from source", ".*but apex is not installed",
-                 "TypedStorage is deprecated", r".*torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated")
+LIBRARY_NOISE = ("Please install the latest tensornvme", "Please install apex from source",
+                 ".*but apex is not installed", "TypedStorage is deprecated",
+                 r".*torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated")
 if not VERBOSE:
     for message in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message)
@@ -257,10 +258,28 @@ def describe_run(args, splits, model, device):
     processes = dist.get_world_size()
     layout = (f" (tensor parallel {args.tp_size}, pipeline parallel {args.pp_size})"
               if args.tp_size * args.pp_size > 1 else "")
-    parameters = sum(parameter.numel() for parameter in model.parameters())
+    parameters = parameter_count(model)
     return (f"fine-tuning {args.model_name_or_path} ({parameters / 1e6:.1f}M parameters) on {args.dataset} ({sizes} "
             f"images) with {args.plugin} in {args.precision}, {processes} process{'es' * (processes > 1)} on "
             f"{device.type}{layout}; saving to {args.output_path}")
+
+
+def parameter_count(model):
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+@contextlib.contextmanager
+def out_of_memory_named(args, parameters):
+    """Running out of GPU memory stops the run with one line naming the limit, the model size and what to try."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        limit = (f"the --max_gpu_memory_gib {args.max_gpu_memory_gib:g} cap" if args.max_gpu_memory_gib
+                 else "the GPU's memory")
+        raise RunError(f"out of GPU memory under {limit}, training {args.model_name_or_path} ({parameters / 1e6:.1f}M "
+                       f"parameters) at --batch_size {args.batch_size} with {args.plugin}; try --grad_checkpoint, a "
+                       f"smaller --batch_size{', a higher cap' if args.max_gpu_memory_gib else ''} or a plugin that "
+                       "shards or offloads the model (low_level_zero, gemini)") from None
 
 
 def peak_memory(device):
@@ -291,6 +310,9 @@ def main():
     for name, value in SINGLE_PROCESS_ENV.items():  # so that plain `python vit_train_demo.py` runs too
         os.environ.setdefault(name, value)
     device = init_distributed(args.seed)
+    if args.max_gpu_memory_gib:  # to share a GPU, or rehearse a smaller one
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory_gib * 2**30 / total), device)
     setup_ends["distributed"] = time.perf_counter()
     is_master = dist.get_rank() == 0
     if not args.verbose:  # what is left of the libraries' logging: warnings that ask the user for something
@@ -318,123 +340,130 @@ def main():
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable()
 
-    # the images decode (in loader worker processes) while the booster is set up
-    with ThreadPoolExecutor(max_workers=1) as background:
-        decoding = background.submit(device_images, splits, image_processor, device, args,
-                                     announce=print if is_master else lambda line: None)
-        plugin, booster = build_booster(model, args, device)
-        topology = Topology(plugin)
-        steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size
-        if steps_per_epoch == 0:
-            raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger "
-                           f"than the {len(splits['train'])} training images; lower --batch_size")
-        optimizer = build_optimizer(model, args)
-        total_steps = steps_per_epoch * args.num_epoch
-        lr_scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=total_steps,
-                                               warmup_steps=int(args.warmup_ratio * total_steps))
-        model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
-        setup_ends["booster"] = time.perf_counter()
-        images = decoding.result()
-        setup_ends["images"] = time.perf_counter()
-    boosted = Boosted(model, optimizer, lr_scheduler, booster, topology)
+    with out_of_memory_named(args, parameter_count(model)):
+        # the images decode (in loader worker processes) while the booster is set up
+        with ThreadPoolExecutor(max_workers=1) as background:
+            decoding = background.submit(device_images, splits, image_processor, device, args,
+                                         announce=print if is_master else lambda line: None)
+            plugin, booster = build_booster(model, args, device)
+            topology = Topology(plugin)
+            steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size
+            if steps_per_epoch == 0:
+                raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger "
+                               f"than the {len(splits['train'])} training images; lower --batch_size")
+            optimizer = build_optimizer(model, args)
+            total_steps = steps_per_epoch * args.num_epoch
+            lr_scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=total_steps,
+                                                   warmup_steps=int(args.warmup_ratio * total_steps))
+            model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+            setup_ends["booster"] = time.perf_counter()
+            images = decoding.result()
+            setup_ends["images"] = time.perf_counter()
+        boosted = Boosted(model, optimizer, lr_scheduler, booster, topology)
 
-    def save_checkpoint(progress):
-        if args.keep_checkpoints:
-            checkpoint.save_checkpoint(booster, model, optimizer, lr_scheduler, progress, args.output_path,
-                                       args.keep_checkpoints)
+        def save_checkpoint(progress):
+            if args.keep_checkpoints:
+                checkpoint.save_checkpoint(booster, model, optimizer, lr_scheduler, progress, args.output_path,
+                                           args.keep_checkpoints)
 
-    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0, "epoch_data_wait": 0.0,
-                "epochs": [], "images_trained": 0, "train_seconds": 0.0, "evaluation_seconds": 0.0, "unreadable": []}
-    if resume_from:
-        progress = checkpoint.load_checkpoint(booster, model, optimizer, lr_scheduler, resume_from)
-        if is_master:
-            print(f"resuming from {resume_from}: epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']} "
-                  f"of {steps_per_epoch}")
-    elif args.resume_from and is_master:
-        print(f"no checkpoint under {checkpoint.checkpoint_root(args.output_path)} yet: starting from scratch")
-    # purge_step drops what a killed run logged after the checkpoint this run resumes from
-    writer = SummaryWriter(os.path.join(args.output_path, "tensorboard"),
-                           purge_step=progress["global_step"] or None) if topology.reports else None
-    setup_ends["resume"] = time.perf_counter()
-    starts = [PROCESS_START, *setup_ends.values()]
-    setup_parts = {part: end - start for (part, end), start in zip(setup_ends.items(), starts)}
+        progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0, "epoch_data_wait": 0.0,
+                    "epochs": [], "images_trained": 0, "train_seconds": 0.0, "evaluation_seconds": 0.0,
+                    "unreadable": []}
+        if resume_from:
+            progress = checkpoint.load_checkpoint(booster, model, optimizer, lr_scheduler, resume_from)
+            if is_master:
+                print(f"resuming from {resume_from}: epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']} "
+                      f"of {steps_per_epoch}")
+        elif args.resume_from and is_master:
+            print(f"no checkpoint under {checkpoint.checkpoint_root(args.output_path)} yet: starting from scratch")
+        # purge_step drops what a killed run logged after the checkpoint this run resumes from
+        writer = SummaryWriter(os.path.join(args.output_path, "tensorboard"),
+                               purge_step=progress["global_step"] or None) if topology.reports else None
+        setup_ends["resume"] = time.perf_counter()
+        starts = [PROCESS_START, *setup_ends.values()]
+        setup_parts = {part: end - start for (part, end), start in zip(setup_ends.items(), starts)}
 
-    def criterion(outputs, inputs):
-        return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
+        def criterion(outputs, inputs):
+            return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
 
-    for epoch in range(progress["epoch"], args.num_epoch):
-        train_epoch(boosted, images["train"], criterion, args, progress, save_checkpoint, writer)
-        loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
-                                               steps_per_epoch * topology.holds_output], device)
-        epoch_results = {"epoch": epoch + 1, "train_loss": loss_sum / loss_count,
-                         "data_wait_seconds": progress["epoch_data_wait"]}
-        evaluation_start = time.perf_counter()
-        for split in ("validation", "test"):
-            if split in images:
-                epoch_results[split] = evaluate(boosted, images[split], device, args.batch_size, names)
-        progress["evaluation_seconds"] += time.perf_counter() - evaluation_start
-        progress["epochs"].append(epoch_results)
-        progress["unreadable"] = sorted(set(progress["unreadable"]).union(*(split.unreadable
-                                                                            for split in images.values())))
-        progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_data_wait=0.0)
-        if topology.reports:
-            validation = epoch_results["validation"]
-            unreadable = len(progress["unreadable"])
-            print(f"epoch {epoch + 1}: train loss {epoch_results['train_loss']:.4f}, validation loss "
-                  f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on {validation['num_examples']} "
-                  f"images; waited {epoch_results['data_wait_seconds']:.2f} s for data" +
-                  (f"; left out {unreadable} unreadable image{'s' * (unreadable > 1)}" if unreadable else ""))
-            writer.add_scalar("train/epoch_loss", epoch_results["train_loss"], progress["global_step"])
-            writer.add_scalar("train/data_wait_seconds", epoch_results["data_wait_seconds"], progress["global_step"])
+        for epoch in range(progress["epoch"], args.num_epoch):
+            train_epoch(boosted, images["train"], criterion, args, progress, save_checkpoint, writer)
+            loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
+                                                   steps_per_epoch * topology.holds_output], device)
+            epoch_results = {"epoch": epoch + 1, "train_loss": loss_sum / loss_count,
+                             "data_wait_seconds": progress["epoch_data_wait"]}
+            evaluation_start = time.perf_counter()
             for split in ("validation", "test"):
-                for metric in ("loss", "accuracy"):
-                    if split in epoch_results:
-                        writer.add_scalar(f"{split}/{metric}", epoch_results[split][metric], progress["global_step"])
-        save_checkpoint(progress)
-    final = progress["epochs"][-1]
-    # the best epoch is chosen on validation accuracy alone (then loss); its test figures are reported beside it
-    best = max(progress["epochs"], key=lambda epoch: (epoch["validation"]["accuracy"], -epoch["validation"]["loss"]))
-    if "test" in final and topology.reports:
-        print(f"test: loss {final['test']['loss']:.4f}, accuracy {final['test']['accuracy']:.4f} on "
-              f"{final['test']['num_examples']} images")
+                if split in images:
+                    epoch_results[split] = evaluate(boosted, images[split], device, args.batch_size, names)
+            progress["evaluation_seconds"] += time.perf_counter() - evaluation_start
+            progress["epochs"].append(epoch_results)
+            progress["unreadable"] = sorted(set(progress["unreadable"]).union(*(split.unreadable
+                                                                                for split in images.values())))
+            progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_data_wait=0.0)
+            if topology.reports:
+                validation = epoch_results["validation"]
+                unreadable = len(progress["unreadable"])
+                print(f"epoch {epoch + 1}: train loss {epoch_results['train_loss']:.4f}, validation loss "
+                      f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on "
+                      f"{validation['num_examples']} images; waited "
+                      f"{epoch_results['data_wait_seconds']:.2f} s for data" +
+                      (f"; left out {unreadable} unreadable image{'s' * (unreadable > 1)}" if unreadable else ""))
+                writer.add_scalar("train/epoch_loss", epoch_results["train_loss"], progress["global_step"])
+                writer.add_scalar("train/data_wait_seconds", epoch_results["data_wait_seconds"],
+                                  progress["global_step"])
+                for split in ("validation", "test"):
+                    for metric in ("loss", "accuracy"):
+                        if split in epoch_results:
+                            writer.add_scalar(f"{split}/{metric}", epoch_results[split][metric],
+                                              progress["global_step"])
+            save_checkpoint(progress)
+        final = progress["epochs"][-1]
+        # the best epoch is chosen on validation accuracy alone (then loss); its test figures are reported beside it
+        best = max(progress["epochs"],
+                   key=lambda epoch: (epoch["validation"]["accuracy"], -epoch["validation"]["loss"]))
+        if "test" in final and topology.reports:
+            print(f"test: loss {final['test']['loss']:.4f}, accuracy {final['test']['accuracy']:.4f} on "
+                  f"{final['test']['num_examples']} images")
 
-    unreadable_on_ranks = [None] * dist.get_world_size()
-    dist.all_gather_object(unreadable_on_ranks, progress["unreadable"])
-    with checkpoint.write_errors_named(args.output_path):
-        booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
-        if is_master:
-            image_processor.save_pretrained(args.output_path)
+        unreadable_on_ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(unreadable_on_ranks, progress["unreadable"])
+        with checkpoint.write_errors_named(args.output_path):
+            booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
+            if is_master:
+                image_processor.save_pretrained(args.output_path)
+            if topology.reports:
+                writer.close()
+                results = {
+                    "config": {**vars(args), "world_size": dist.get_world_size(),
+                               "data_parallel_size": topology.dp_size,
+                               "device": str(device), "label_names": names,
+                               "num_train_examples": len(images["train"])},
+                    "data": {"mode": "cache" if images["train"].cached else "stream",
+                             "num_workers": images["train"].num_workers, "num_examples":
+                             {name: len(split_images) for name, split_images in images.items()},
+                             "unreadable": sorted(set().union(*unreadable_on_ranks))},
+                    "memory": peak_memory(device),
+                    "epochs": progress["epochs"],
+                    "test": final.get("test"),
+                    "best_epoch": best,
+                    "train_images_per_second": progress["images_trained"] / progress["train_seconds"],
+                    "seconds": {"setup": sum(setup_parts.values()), "setup_parts": setup_parts,
+                                "train": progress["train_seconds"],
+                                "data_wait": sum(epoch["data_wait_seconds"] for epoch in progress["epochs"]),
+                                "evaluation": progress["evaluation_seconds"],
+                                "total": time.perf_counter() - PROCESS_START},
+                }
+                with open(os.path.join(args.output_path, "results.json"), "w") as file:
+                    json.dump(results, file, indent=2)
+                report.write_plots(results, args.output_path)
+                report.write_model_card(results, args.output_path)
         if topology.reports:
-            writer.close()
-            results = {
-                "config": {**vars(args), "world_size": dist.get_world_size(), "data_parallel_size": topology.dp_size,
-                           "device": str(device), "label_names": names,
-                           "num_train_examples": len(images["train"])},
-                "data": {"mode": "cache" if images["train"].cached else "stream",
-                         "num_workers": images["train"].num_workers, "num_examples":
-                         {name: len(split_images) for name, split_images in images.items()},
-                         "unreadable": sorted(set().union(*unreadable_on_ranks))},
-                "memory": peak_memory(device),
-                "epochs": progress["epochs"],
-                "test": final.get("test"),
-                "best_epoch": best,
-                "train_images_per_second": progress["images_trained"] / progress["train_seconds"],
-                "seconds": {"setup": sum(setup_parts.values()), "setup_parts": setup_parts,
-                            "train": progress["train_seconds"],
-                            "data_wait": sum(epoch["data_wait_seconds"] for epoch in progress["epochs"]),
-                            "evaluation": progress["evaluation_seconds"],
-                            "total": time.perf_counter() - PROCESS_START},
-            }
-            with open(os.path.join(args.output_path, "results.json"), "w") as file:
-                json.dump(results, file, indent=2)
-            report.write_plots(results, args.output_path)
-            report.write_model_card(results, args.output_path)
-    if topology.reports:
-        seconds = results["seconds"]
-        print(f"saved the fine-tuned model, results.json, plots and a model card to {args.output_path} "
-              f"({seconds['total']:.1f} s: setup {seconds['setup']:.1f}, training {seconds['train']:.1f} of which "
-              f"data wait {seconds['data_wait']:.2f}, evaluation {seconds['evaluation']:.1f})")
-    dist.destroy_process_group()
+            seconds = results["seconds"]
+            print(f"saved the fine-tuned model, results.json, plots and a model card to {args.output_path} "
+                  f"({seconds['total']:.1f} s: setup {seconds['setup']:.1f}, training {seconds['train']:.1f} of which "
+                  f"data wait {seconds['data_wait']:.2f}, evaluation {seconds['evaluation']:.1f})")
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

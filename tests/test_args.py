@@ -82,3 +82,9 @@ def test_half_precision_on_cpu_names_the_fix(capsys):
 ])
 def test_precision_a_plugin_cannot_train_in_is_refused(capsys, argv, message):
     assert message in parse_error(capsys, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cap is refused only where there is no GPU to cap")
+def test_a_gpu_memory_cap_without_a_gpu_is_refused(capsys):
+    message = parse_error(capsys, ["--plugin", "torch_ddp", "--max_gpu_memory_gib", "4"])
+    assert message.startswith("error: --max_gpu_memory_gib 4 caps GPU memory and no CUDA GPU is available")

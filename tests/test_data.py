@@ -256,8 +256,8 @@ def test_sample_limits_take_a_seeded_subset_of_each_split():
 
 
 def demo_args(**overrides):
-    return argparse.Namespace(**{"data_mode": "auto", "cache_budget_gib": None, "num_workers": 2,
-                                 "skip_unreadable": False, **overrides})
+    return argparse.Namespace(**{"data_mode": "auto", "cache_budget_gib": None, "max_gpu_memory_gib": None,
+                                 "num_workers": 2, "skip_unreadable": False, **overrides})
 
 
 def test_data_over_the_cache_budget_streams_and_says_why(image_processor):

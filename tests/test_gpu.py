@@ -5,12 +5,13 @@ Skipped without a CUDA GPU. GPU_RESULTS_DIR, if set, receives each run's results
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import BEANS_DIR
+from conftest import BEANS_DIR, MODEL_DIR, ROOT
 from test_end_to_end import check_pipeline_classifies_test_split, check_schema, run_finetuning
 from test_reliability import kill_job, metrics, run_to_end, start_run, wait_for
 
@@ -55,3 +56,17 @@ def test_bf16_plugin_resumes_after_a_kill(tmp_path, plugin, data_mode):
         final, final_resumed = uninterrupted["epochs"][-1], resumed["epochs"][-1]
         assert final_resumed["validation"]["loss"] == pytest.approx(final["validation"]["loss"], rel=0.1)
         assert final_resumed["validation"]["accuracy"] >= 0.94 and resumed["test"]["accuracy"] >= 0.94
+
+
+def test_a_memory_cap_holds_and_running_out_under_it_is_one_line(tmp_path):
+    _, results = run_finetuning(tmp_path / "capped", PLUGIN="torch_ddp", DATASET=BEANS_DIR, EPOCH=1,
+                                MAX_GPU_MEMORY_GIB=3)
+    assert 0 < results["memory"]["peak_gpu_gib"] <= 3 and results["config"]["max_gpu_memory_gib"] == 3
+    run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PLUGIN": "torch_ddp", "DATASET": str(BEANS_DIR), "MODEL": str(MODEL_DIR),
+                              "BS": "512", "EPOCH": "1", "MAX_GPU_MEMORY_GIB": "0.5",
+                              "OUTPUT_PATH": str(tmp_path / "too_small")})
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f"error: out of GPU memory under the --max_gpu_memory_gib 0.5 cap, training {MODEL_DIR} (5.5M parameters) at "
+        "--batch_size 512 with torch_ddp; try --grad_checkpoint, a smaller --batch_size, a higher cap")
