@@ -270,10 +270,11 @@ class SplitImages:
             self.pixel_values = torch.empty(len(split), *decoder.shape, dtype=torch.uint8, device=device)
             self.readable = torch.empty(len(split), dtype=torch.bool, device=device)
             # decoded once by loader worker processes, which leave the training process free to set up meanwhile
-            # (decoding threads would hold its GIL for much of the processor's work)
+            # (decoding threads would hold its GIL for much of the processor's work); the loader's own generator
+            # keeps it off the global random stream, which the training process draws from meanwhile
             chunks = DataLoader(StreamedSplit(split, decoder), batch_size=chunk_size, collate_fn=as_is,
                                 num_workers=min(num_workers, math.ceil(len(split) / chunk_size)),
-                                worker_init_fn=yield_to_training)
+                                worker_init_fn=yield_to_training, generator=torch.Generator())
             for start, chunk in zip(range(0, len(split), chunk_size), chunks):
                 self.check(chunk["unreadable"])
                 readable = chunk["readable"]
