@@ -14,6 +14,8 @@ CPU_PLUGINS = ("torch_ddp",)
 PRECISIONS = ("bf16", "fp16", "fp32")
 FP32_PLUGINS = ("torch_ddp", "low_level_zero", "hybrid_parallel")  # gemini keeps its weights in 16 bits
 DATA_MODES = ("auto", "cache", "stream")
+OFFLOADS = ("none", "optimizer", "all")
+OFFLOAD_PLUGINS = {"optimizer": ("low_level_zero", "gemini", "hybrid_parallel"), "all": ("gemini",)}
 
 
 def positive_int(text):
@@ -41,6 +43,13 @@ def non_negative_float(text):
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 
@@ -110,6 +119,13 @@ def build_parser():
     parser.add_argument("--max_gpu_memory_gib", type=positive_float, default=None,
                         help="most GPU memory this process may allocate, to share a GPU or to rehearse a smaller one "
                         "(default: all of it)")
+    parser.add_argument("--offload", choices=OFFLOADS, default="none",
+                        help="keep training state in host memory, to train a model larger than the GPU: optimizer "
+                        "(fp32 weights and Adam states, updated on the CPU; low_level_zero, gemini, hybrid_parallel) "
+                        "or all (the 16-bit weights too, fetched layer by layer; gemini)")
+    parser.add_argument("--offload_fraction", type=fraction, default=1.0,
+                        help="gemini: the share of what --offload names that goes to the host; below 1 the rest "
+                        "stays on the GPU, which is faster while it fits")
     parser.add_argument("--grad_checkpoint", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in the backward pass to save memory")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
@@ -143,6 +159,13 @@ def parse_demo_args(argv=None):
     if args.max_gpu_memory_gib is not None and not torch.cuda.is_available():
         parser.error(f"--max_gpu_memory_gib {args.max_gpu_memory_gib:g} caps GPU memory and no CUDA GPU is available; "
                      "drop it on the CPU")
+    if args.offload != "none" and args.plugin not in OFFLOAD_PLUGINS[args.offload]:
+        parser.error(f"--plugin {args.plugin} cannot --offload {args.offload}; use --plugin "
+                     f"{' or '.join(OFFLOAD_PLUGINS[args.offload])}" +
+                     (" (low_level_zero and hybrid_parallel offload only the optimizer)" if args.offload == "all" else ""))
+    if args.offload_fraction != 1 and (args.plugin != "gemini" or args.offload == "none"):
+        parser.error(f"--offload_fraction {args.offload_fraction:g} splits what gemini offloads; it needs --plugin gemini "
+                     "with --offload optimizer or all")
     if args.precision is None:
         on_gpu = torch.cuda.is_available()
         args.precision = "fp16" if args.plugin == "torch_ddp_fp16" else "bf16" if on_gpu else "fp32"
@@ -154,6 +177,8 @@ def parse_demo_args(argv=None):
                      f"use --plugin torch_ddp --precision {args.precision}")
     if args.precision == "fp32" and args.plugin not in FP32_PLUGINS:
         parser.error(f"--plugin {args.plugin} trains in bf16 or fp16, not --precision fp32")
+    if args.offload != "none" and args.plugin == "hybrid_parallel" and args.precision == "fp32":
+        parser.error("--plugin hybrid_parallel offloads through ZeRO, which trains in bf16 or fp16, not --precision fp32")
     if args.precision != "fp32" and not torch.cuda.is_available():
         parser.error(f"--precision {args.precision} needs a CUDA GPU and none is available; "
                      "on the CPU use --precision fp32")

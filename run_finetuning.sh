@@ -27,6 +27,10 @@ LABEL_SMOOTHING=${LABEL_SMOOTHING:-0.1}      # label smoothing of the training l
 SAVE_EVERY=${SAVE_EVERY:-0}                  # checkpoint every this many steps too (0: at epoch ends only)
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-1}      # newest checkpoints kept in OUTPUT_PATH/checkpoints (0: none)
 MAX_GPU_MEMORY_GIB=${MAX_GPU_MEMORY_GIB:-}   # most GPU memory each process may take (to share a GPU; default: all)
+OFFLOAD=${OFFLOAD:-none}                     # model larger than the GPU: optimizer (low_level_zero, gemini,
+                                             # hybrid_parallel) or all (gemini) to host memory (README: big models)
+OFFLOAD_FRACTION=${OFFLOAD_FRACTION:-1}      # gemini: the share of it on the host (lower is faster while it fits)
+GRAD_CHECKPOINT=${GRAD_CHECKPOINT:-0}        # 1: recompute activations in the backward pass (less memory)
 RESUME=${RESUME:-}                           # 'latest' or a checkpoint folder to continue from
 LAUNCHER=${LAUNCHER:-auto}                   # colossalai (colossalai run), torchrun, python (one process only), or
                                              # auto: colossalai run for several processes or nodes, else python
@@ -68,6 +72,9 @@ demo=(vit_train_demo.py
   --keep_checkpoints "$KEEP_CHECKPOINTS"
   ${RESUME:+--resume_from "$RESUME"}
   ${MAX_GPU_MEMORY_GIB:+--max_gpu_memory_gib "$MAX_GPU_MEMORY_GIB"}
+  --offload "$OFFLOAD"
+  --offload_fraction "$OFFLOAD_FRACTION"
+  $([ "$GRAD_CHECKPOINT" = 1 ] && echo --grad_checkpoint || echo --no-grad_checkpoint)
   $([ "$VERBOSE" = 1 ] && echo --verbose || echo --no-verbose)
   "$@")
 

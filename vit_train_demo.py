@@ -2,6 +2,7 @@
 
 Launch with `colossalai run --nproc_per_node N vit_train_demo.py ...` or `torchrun --nproc_per_node N ...`.
 """
+import argparse
 import contextlib
 import io
 import json
@@ -38,7 +39,9 @@ from colossalai.booster import Booster
 from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 from colossalai.logging import get_dist_logger
 from colossalai.nn.lr_scheduler import CosineAnnealingWarmupLR
-from colossalai.nn.optimizer import FusedAdam
+from colossalai.kernel.extensions.base_extension import _Extension
+from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
+from colossalai.nn.optimizer import FusedAdam, HybridAdam
 from colossalai.utils import set_seed
 
 import checkpoint
@@ -47,22 +50,29 @@ from args import parse_demo_args
 from data import (RunError, device_images, epoch_batches, evaluation_batches, label_names, limit_samples,
                   load_splits, random_resized_crop_and_flip)
 
+# the README's install step: builds Colossal-AI's Adam kernels (HybridAdam's CPU Adam, FusedAdam's) once
+BUILD_KERNELS = ("from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader; "
+                 "CPUAdamLoader().load(); FusedOptimizerLoader().load()")
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": "29500"}
 
 
 def build_plugin(args):
-    """The plugin in `args.precision`. A ViT-B fits on one GPU many times over, so nothing is offloaded to the CPU."""
+    """The plugin in `args.precision`, offloading what `args.offload` names to the host through its own mechanism."""
+    offload = args.offload != "none"
     if args.plugin in ("torch_ddp", "torch_ddp_fp16"):
         return TorchDDPPlugin()
     if args.plugin == "low_level_zero":  # alone on one GPU there is nothing to overlap, and trying costs 8-17%
-        return LowLevelZeroPlugin(precision=args.precision, initial_scale=2**5,
+        return LowLevelZeroPlugin(precision=args.precision, initial_scale=2**5, cpu_offload=offload,
                                   overlap_communication=dist.get_world_size() > 1)
     if args.plugin == "gemini":
         # pinned host memory is what gemini's asynchronous gradient reduction uses anyway (it warns if not asked)
-        return GeminiPlugin(precision=args.precision, initial_scale=2**5, pin_memory=True)
+        return GeminiPlugin(precision=args.precision, initial_scale=2**5, pin_memory=True, placement_policy="static",
+                            offload_optim_frac=args.offload_fraction if args.offload == "optimizer" else float(offload),
+                            offload_param_frac=args.offload_fraction if args.offload == "all" else 0.0)
     return HybridParallelPlugin(tp_size=args.tp_size, pp_size=args.pp_size, microbatch_size=1,
-                                enable_all_optimization=True, precision=args.precision, initial_scale=1)
+                                enable_all_optimization=True, precision=args.precision, initial_scale=1,
+                                zero_stage=int(offload), cpu_offload=offload)
 
 
 def build_booster(model, args, device):
@@ -75,19 +85,40 @@ def build_booster(model, args, device):
 
 
 def build_optimizer(model, args):
-    """AdamW in one fused kernel on the GPU: Colossal-AI's FusedAdam on gemini (which takes only its own Adam
-    kernels), PyTorch's elsewhere."""
-    if args.plugin == "gemini":
-        # Colossal-AI prints two lines whenever it loads its kernel; its one-off build (a minute or two, if the
-        # install step did not do it) is still said
-        with contextlib.redirect_stdout(io.StringIO()) as kernel_log:
-            optimizer = FusedAdam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  adamw_mode=True)
-        if args.verbose or "Compiling" in kernel_log.getvalue():
-            print(kernel_log.getvalue(), end="")
-        return optimizer
-    return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                             fused=torch.cuda.is_available())
+    """AdamW: Colossal-AI's HybridAdam where weights live on the host (Adam on the CPU for those, fused on the GPU
+    for the rest), its FusedAdam on gemini (which takes only its own Adam kernels), PyTorch's fused one elsewhere."""
+    if args.plugin != "gemini" and args.offload == "none":
+        return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                 fused=torch.cuda.is_available())
+    kernels = [FusedOptimizerLoader] + [CPUAdamLoader] * (args.offload != "none")
+    unbuilt = [name for loader in kernels for name in unbuilt_kernels(loader)]
+    if unbuilt:
+        raise RunError(f"Colossal-AI's {' and '.join(unbuilt)} kernel{'s are' if len(unbuilt) > 1 else ' is'} not "
+                       f"built; build {'them' if len(unbuilt) > 1 else 'it'} once before training (a minute or two): "
+                       f"python3 -c \"{BUILD_KERNELS}\"")
+    optimizer_class = FusedAdam if args.offload == "none" else HybridAdam
+    # Colossal-AI prints two lines whenever it loads a kernel
+    with contextlib.redirect_stdout(io.StringIO()) as kernel_log:
+        optimizer = optimizer_class(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                    adamw_mode=True)
+    if args.verbose:
+        print(kernel_log.getvalue(), end="")
+    return optimizer
+
+
+def unbuilt_kernels(loader):
+    """The kernels of a Colossal-AI kernel loader that are neither installed pre-built nor built (just in time)
+    before: loading them would compile them, in every process, for a minute or two."""
+    built_folder = _Extension.get_jit_extension_folder_path()
+    unbuilt = []
+    for extension in (extension_class() for extension_class in loader.REGISTRY):
+        if not extension.is_available() or os.path.exists(os.path.join(built_folder, f"{extension.name}.so")):
+            continue
+        try:
+            extension.import_op()
+        except ImportError:
+            unbuilt.append(extension.name)
+    return unbuilt
 
 
 def load_model(model_name_or_path, names):
@@ -152,13 +183,14 @@ class Boosted:
     topology: Topology
 
 
-def train_epoch(boosted, images, criterion, args, progress, save_checkpoint, writer):
-    """Trains from step `progress["step_in_epoch"]` to the end of the epoch, updating `progress` as it goes.
+def train_epoch(run, criterion):
+    """Trains from step `run.progress["step_in_epoch"]` to the end of the epoch, updating `run.progress` as it goes.
 
     A step's loss is read (which waits for the GPU to finish the step) only once the next step is queued, so the
     GPU does not idle between steps while the CPU prepares the next one."""
+    boosted, args, progress, writer = run.boosted, run.args, run.progress, run.writer
     topology = boosted.topology
-    batches = epoch_batches(len(images), args.batch_size, topology.dp_rank, topology.dp_size, args.seed,
+    batches = epoch_batches(len(run.images["train"]), args.batch_size, topology.dp_rank, topology.dp_size, args.seed,
                             progress["epoch"])
     boosted.model.train()
     clock = {"start": time.perf_counter(), "seconds_before": progress["train_seconds"], "saving": 0.0}
@@ -182,7 +214,7 @@ def train_epoch(boosted, images, criterion, args, progress, save_checkpoint, wri
 
     with tqdm(total=len(batches), initial=progress["step_in_epoch"], desc=f"epoch {progress['epoch'] + 1}",
               disable=not topology.reports, dynamic_ncols=True) as bar:
-        remaining = images.batches(batches[progress["step_in_epoch"]:])
+        remaining = run.images["train"].batches(batches[progress["step_in_epoch"]:])
         unread = None  # (loss, step, learning rate) of the last step queued
         while True:
             fetch_start = time.perf_counter()
@@ -208,7 +240,7 @@ def train_epoch(boosted, images, criterion, args, progress, save_checkpoint, wri
                 read(*unread)
                 unread = None
                 saving_start = time.perf_counter()
-                save_checkpoint(progress)
+                run.save_checkpoint()
                 clock["saving"] += time.perf_counter() - saving_start
         if unread:
             read(*unread)
@@ -252,16 +284,18 @@ def classification_metrics(confusion, loss_sum, names):
             "per_class": per_class, "confusion_matrix": confusion.tolist()}
 
 
-def describe_run(args, splits, model, device):
+def describe_run(args, splits, parameters, device):
     """The header line: what is trained, on what, how, and where it goes."""
     sizes = ", ".join(f"{len(splits[name])} {name}" for name in ("train", "validation", "test") if name in splits)
     processes = dist.get_world_size()
     layout = (f" (tensor parallel {args.tp_size}, pipeline parallel {args.pp_size})"
               if args.tp_size * args.pp_size > 1 else "")
-    parameters = parameter_count(model)
+    offload = (f", offloading the {'optimizer' if args.offload == 'optimizer' else 'weights and optimizer'} to the "
+               f"host" + (f" ({args.offload_fraction:g} of it)" if args.offload_fraction < 1 else "")
+               if args.offload != "none" else "")
     return (f"fine-tuning {args.model_name_or_path} ({parameters / 1e6:.1f}M parameters) on {args.dataset} ({sizes} "
-            f"images) with {args.plugin} in {args.precision}, {processes} process{'es' * (processes > 1)} on "
-            f"{device.type}{layout}; saving to {args.output_path}")
+            f"images) with {args.plugin} in {args.precision}{offload}, {processes} process{'es' * (processes > 1)} "
+            f"on {device.type}{layout}; saving to {args.output_path}")
 
 
 def parameter_count(model):
@@ -276,10 +310,16 @@ def out_of_memory_named(args, parameters):
     except torch.OutOfMemoryError:
         limit = (f"the --max_gpu_memory_gib {args.max_gpu_memory_gib:g} cap" if args.max_gpu_memory_gib
                  else "the GPU's memory")
+        offload = {"none": "--offload optimizer (low_level_zero, gemini, hybrid_parallel)",
+                   "optimizer": "--offload all (gemini)", "all": None}[args.offload]
+        if args.offload_fraction < 1:
+            offload = f"a higher --offload_fraction than {args.offload_fraction:g}"
+        remedies = ([offload] * bool(offload) + ["--grad_checkpoint"] * (not args.grad_checkpoint) +
+                    ["a smaller --batch_size"] + ["a higher cap"] * bool(args.max_gpu_memory_gib))
         raise RunError(f"out of GPU memory under {limit}, training {args.model_name_or_path} ({parameters / 1e6:.1f}M "
-                       f"parameters) at --batch_size {args.batch_size} with {args.plugin}; try --grad_checkpoint, a "
-                       f"smaller --batch_size{', a higher cap' if args.max_gpu_memory_gib else ''} or a plugin that "
-                       "shards or offloads the model (low_level_zero, gemini)") from None
+                       f"parameters) at --batch_size {args.batch_size} with {args.plugin}"
+                       f"{f' --offload {args.offload}' if args.offload != 'none' else ''}; try "
+                       f"{', '.join(remedies[:-1])} or {remedies[-1]}") from None
 
 
 def peak_memory(device):
@@ -292,39 +332,88 @@ def plain_cross_entropy(outputs, inputs):
     return F.cross_entropy(outputs.logits.float(), inputs["labels"])
 
 
-def init_distributed(seed):
+def init_distributed(args):
     """What colossalai.launch_from_torch does, with this process's GPU named to the process group up front (NCCL
-    otherwise guesses it at the first barrier, with a warning). Returns the training device."""
+    otherwise guesses it at the first barrier, with a warning), and its memory capped if asked. Returns the
+    training device."""
+    for name, value in SINGLE_PROCESS_ENV.items():  # so that plain `python vit_train_demo.py` runs too
+        os.environ.setdefault(name, value)
     accelerator = get_accelerator()
     if accelerator.support_set_device:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     device = accelerator.get_current_device()
     dist.init_process_group(accelerator.communication_backend, device_id=device if device.type == "cuda" else None)
-    set_seed(seed)
-    return device
-
-
-def main():
-    setup_ends = {"imports": time.perf_counter()}  # when each part of the set-up ended
-    args = parse_demo_args()
-    for name, value in SINGLE_PROCESS_ENV.items():  # so that plain `python vit_train_demo.py` runs too
-        os.environ.setdefault(name, value)
-    device = init_distributed(args.seed)
+    set_seed(args.seed)
     if args.max_gpu_memory_gib:  # to share a GPU, or rehearse a smaller one
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory_gib * 2**30 / total), device)
-    setup_ends["distributed"] = time.perf_counter()
-    is_master = dist.get_rank() == 0
     if not args.verbose:  # what is left of the libraries' logging: warnings that ask the user for something
         transformers.logging.set_verbosity_error()
         get_dist_logger().set_level("WARNING")
+    return device
 
+
+def check_output_path(args):
     try:
         os.makedirs(args.output_path, exist_ok=True)
     except OSError as error:
         raise RunError(f"cannot create --output_path {args.output_path}: {error.strerror}") from None
     if not os.access(args.output_path, os.W_OK):
         raise RunError(f"--output_path {args.output_path} is not writable; pass a directory you can write to")
+
+
+def boost(model, splits, image_processor, device, args, setup_ends):
+    """Sets the booster up while the images decode (in loader worker processes, started from a background thread).
+    Returns what the booster made of the model, the device images of each split and the steps of an epoch."""
+    with ThreadPoolExecutor(max_workers=1) as background:
+        decoding = background.submit(device_images, splits, image_processor, device, args,
+                                     announce=print if dist.get_rank() == 0 else lambda line: None)
+        plugin, booster = build_booster(model, args, device)
+        topology = Topology(plugin)
+        steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size
+        if steps_per_epoch == 0:
+            raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger "
+                           f"than the {len(splits['train'])} training images; lower --batch_size")
+        optimizer = build_optimizer(model, args)
+        total_steps = steps_per_epoch * args.num_epoch
+        lr_scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=total_steps,
+                                               warmup_steps=int(args.warmup_ratio * total_steps))
+        model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+        setup_ends["booster"] = time.perf_counter()
+        images = decoding.result()
+        setup_ends["images"] = time.perf_counter()
+    return Boosted(model, optimizer, lr_scheduler, booster, topology), images, steps_per_epoch
+
+
+@dataclass
+class Run:
+    """What training, evaluating and saving need, set up once by set_up."""
+    args: argparse.Namespace
+    device: torch.device
+    parameters: int
+    names: list
+    image_processor: object
+    boosted: Boosted
+    images: dict  # the DeviceImages of each split
+    steps_per_epoch: int
+    progress: dict  # where training stands and what it has measured: what a checkpoint holds
+    writer: SummaryWriter  # TensorBoard, on the reporting rank only (None elsewhere)
+    setup_parts: dict  # seconds of each part of the set-up
+
+    def save_checkpoint(self):
+        if self.args.keep_checkpoints:
+            boosted = self.boosted
+            checkpoint.save_checkpoint(boosted.booster, boosted.model, boosted.optimizer, boosted.lr_scheduler,
+                                       self.progress, self.args.output_path, self.args.keep_checkpoints)
+
+
+def set_up(args):
+    """Everything before the first step: processes, data, model, booster, and the checkpoint to resume from."""
+    setup_ends = {"imports": time.perf_counter()}  # when each part of the set-up ended
+    device = init_distributed(args)
+    setup_ends["distributed"] = time.perf_counter()
+    is_master = dist.get_rank() == 0
+    check_output_path(args)
     resume_from = args.resume_from and checkpoint.resolve_resume(args.resume_from, args.output_path)
 
     splits = load_splits(args.dataset, args.image_column, args.label_column)
@@ -332,141 +421,142 @@ def main():
     splits = limit_samples(splits, args.max_train_samples, args.max_eval_samples, args.seed)
     setup_ends["dataset"] = time.perf_counter()
     image_processor, model = load_model(args.model_name_or_path, names)
+    parameters = parameter_count(model)
     setup_ends["model"] = time.perf_counter()
     if is_master:
-        print(describe_run(args, splits, model, device))
+        print(describe_run(args, splits, parameters, device))
     if "test" not in splits and is_master:
         print(f"dataset {args.dataset} has no test split: skipping the test evaluation")
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable()
+    with out_of_memory_named(args, parameters):
+        boosted, images, steps_per_epoch = boost(model, splits, image_processor, device, args, setup_ends)
 
-    with out_of_memory_named(args, parameter_count(model)):
-        # the images decode (in loader worker processes) while the booster is set up
-        with ThreadPoolExecutor(max_workers=1) as background:
-            decoding = background.submit(device_images, splits, image_processor, device, args,
-                                         announce=print if is_master else lambda line: None)
-            plugin, booster = build_booster(model, args, device)
-            topology = Topology(plugin)
-            steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size
-            if steps_per_epoch == 0:
-                raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger "
-                               f"than the {len(splits['train'])} training images; lower --batch_size")
-            optimizer = build_optimizer(model, args)
-            total_steps = steps_per_epoch * args.num_epoch
-            lr_scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=total_steps,
-                                                   warmup_steps=int(args.warmup_ratio * total_steps))
-            model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
-            setup_ends["booster"] = time.perf_counter()
-            images = decoding.result()
-            setup_ends["images"] = time.perf_counter()
-        boosted = Boosted(model, optimizer, lr_scheduler, booster, topology)
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0, "epoch_data_wait": 0.0,
+                "epochs": [], "images_trained": 0, "train_seconds": 0.0, "evaluation_seconds": 0.0,
+                "unreadable": []}
+    if resume_from:
+        progress = checkpoint.load_checkpoint(boosted.booster, boosted.model, boosted.optimizer, boosted.lr_scheduler,
+                                              resume_from)
+        if is_master:
+            print(f"resuming from {resume_from}: epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']} "
+                  f"of {steps_per_epoch}")
+    elif args.resume_from and is_master:
+        print(f"no checkpoint under {checkpoint.checkpoint_root(args.output_path)} yet: starting from scratch")
+    # purge_step drops what a killed run logged after the checkpoint this run resumes from
+    writer = SummaryWriter(os.path.join(args.output_path, "tensorboard"),
+                           purge_step=progress["global_step"] or None) if boosted.topology.reports else None
+    setup_ends["resume"] = time.perf_counter()
+    starts = [PROCESS_START, *setup_ends.values()]
+    setup_parts = {part: end - start for (part, end), start in zip(setup_ends.items(), starts)}
+    return Run(args, device, parameters, names, image_processor, boosted, images, steps_per_epoch, progress, writer,
+               setup_parts)
 
-        def save_checkpoint(progress):
-            if args.keep_checkpoints:
-                checkpoint.save_checkpoint(booster, model, optimizer, lr_scheduler, progress, args.output_path,
-                                           args.keep_checkpoints)
 
-        progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0, "epoch_data_wait": 0.0,
-                    "epochs": [], "images_trained": 0, "train_seconds": 0.0, "evaluation_seconds": 0.0,
-                    "unreadable": []}
-        if resume_from:
-            progress = checkpoint.load_checkpoint(booster, model, optimizer, lr_scheduler, resume_from)
-            if is_master:
-                print(f"resuming from {resume_from}: epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']} "
-                      f"of {steps_per_epoch}")
-        elif args.resume_from and is_master:
-            print(f"no checkpoint under {checkpoint.checkpoint_root(args.output_path)} yet: starting from scratch")
-        # purge_step drops what a killed run logged after the checkpoint this run resumes from
-        writer = SummaryWriter(os.path.join(args.output_path, "tensorboard"),
-                               purge_step=progress["global_step"] or None) if topology.reports else None
-        setup_ends["resume"] = time.perf_counter()
-        starts = [PROCESS_START, *setup_ends.values()]
-        setup_parts = {part: end - start for (part, end), start in zip(setup_ends.items(), starts)}
+def train(run):
+    """Trains the remaining epochs, evaluating and checkpointing at the end of each."""
+    args, progress, topology = run.args, run.progress, run.boosted.topology
 
-        def criterion(outputs, inputs):
-            return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
+    def criterion(outputs, inputs):
+        return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
 
-        for epoch in range(progress["epoch"], args.num_epoch):
-            train_epoch(boosted, images["train"], criterion, args, progress, save_checkpoint, writer)
-            loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
-                                                   steps_per_epoch * topology.holds_output], device)
-            epoch_results = {"epoch": epoch + 1, "train_loss": loss_sum / loss_count,
-                             "data_wait_seconds": progress["epoch_data_wait"]}
-            evaluation_start = time.perf_counter()
-            for split in ("validation", "test"):
-                if split in images:
-                    epoch_results[split] = evaluate(boosted, images[split], device, args.batch_size, names)
-            progress["evaluation_seconds"] += time.perf_counter() - evaluation_start
-            progress["epochs"].append(epoch_results)
-            progress["unreadable"] = sorted(set(progress["unreadable"]).union(*(split.unreadable
-                                                                                for split in images.values())))
-            progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_data_wait=0.0)
-            if topology.reports:
-                validation = epoch_results["validation"]
-                unreadable = len(progress["unreadable"])
-                print(f"epoch {epoch + 1}: train loss {epoch_results['train_loss']:.4f}, validation loss "
-                      f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on "
-                      f"{validation['num_examples']} images; waited "
-                      f"{epoch_results['data_wait_seconds']:.2f} s for data" +
-                      (f"; left out {unreadable} unreadable image{'s' * (unreadable > 1)}" if unreadable else ""))
-                writer.add_scalar("train/epoch_loss", epoch_results["train_loss"], progress["global_step"])
-                writer.add_scalar("train/data_wait_seconds", epoch_results["data_wait_seconds"],
-                                  progress["global_step"])
-                for split in ("validation", "test"):
-                    for metric in ("loss", "accuracy"):
-                        if split in epoch_results:
-                            writer.add_scalar(f"{split}/{metric}", epoch_results[split][metric],
-                                              progress["global_step"])
-            save_checkpoint(progress)
-        final = progress["epochs"][-1]
-        # the best epoch is chosen on validation accuracy alone (then loss); its test figures are reported beside it
-        best = max(progress["epochs"],
-                   key=lambda epoch: (epoch["validation"]["accuracy"], -epoch["validation"]["loss"]))
-        if "test" in final and topology.reports:
-            print(f"test: loss {final['test']['loss']:.4f}, accuracy {final['test']['accuracy']:.4f} on "
-                  f"{final['test']['num_examples']} images")
-
-        unreadable_on_ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(unreadable_on_ranks, progress["unreadable"])
-        with checkpoint.write_errors_named(args.output_path):
-            booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
-            if is_master:
-                image_processor.save_pretrained(args.output_path)
-            if topology.reports:
-                writer.close()
-                results = {
-                    "config": {**vars(args), "world_size": dist.get_world_size(),
-                               "data_parallel_size": topology.dp_size,
-                               "device": str(device), "label_names": names,
-                               "num_train_examples": len(images["train"])},
-                    "data": {"mode": "cache" if images["train"].cached else "stream",
-                             "num_workers": images["train"].num_workers, "num_examples":
-                             {name: len(split_images) for name, split_images in images.items()},
-                             "unreadable": sorted(set().union(*unreadable_on_ranks))},
-                    "memory": peak_memory(device),
-                    "epochs": progress["epochs"],
-                    "test": final.get("test"),
-                    "best_epoch": best,
-                    "train_images_per_second": progress["images_trained"] / progress["train_seconds"],
-                    "seconds": {"setup": sum(setup_parts.values()), "setup_parts": setup_parts,
-                                "train": progress["train_seconds"],
-                                "data_wait": sum(epoch["data_wait_seconds"] for epoch in progress["epochs"]),
-                                "evaluation": progress["evaluation_seconds"],
-                                "total": time.perf_counter() - PROCESS_START},
-                }
-                with open(os.path.join(args.output_path, "results.json"), "w") as file:
-                    json.dump(results, file, indent=2)
-                report.write_plots(results, args.output_path)
-                report.write_model_card(results, args.output_path)
+    for epoch in range(progress["epoch"], args.num_epoch):
+        train_epoch(run, criterion)
+        loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
+                                               run.steps_per_epoch * topology.holds_output], run.device)
+        epoch_results = {"epoch": epoch + 1, "train_loss": loss_sum / loss_count,
+                         "data_wait_seconds": progress["epoch_data_wait"]}
+        evaluation_start = time.perf_counter()
+        for split in ("validation", "test"):
+            if split in run.images:
+                epoch_results[split] = evaluate(run.boosted, run.images[split], run.device, args.batch_size,
+                                                run.names)
+        progress["evaluation_seconds"] += time.perf_counter() - evaluation_start
+        epoch_results["memory"] = peak_memory(run.device)
+        progress["epochs"].append(epoch_results)
+        progress["unreadable"] = sorted(set(progress["unreadable"]).union(*(split.unreadable
+                                                                            for split in run.images.values())))
+        progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_data_wait=0.0)
         if topology.reports:
-            seconds = results["seconds"]
-            print(f"saved the fine-tuned model, results.json, plots and a model card to {args.output_path} "
-                  f"({seconds['total']:.1f} s: setup {seconds['setup']:.1f}, training {seconds['train']:.1f} of which "
-                  f"data wait {seconds['data_wait']:.2f}, evaluation {seconds['evaluation']:.1f})")
-        # NCCL warns at exit about a process group left standing; a gloo one is left to the exit, as destroying it
-        # before DDP's reducer lets go of it can deadlock in its destructor (PyTorch 2.5, seen in CI)
-        if dist.get_backend() == "nccl":
-            dist.destroy_process_group()
+            report_epoch(epoch_results, len(progress["unreadable"]), progress["global_step"], run.writer)
+        run.save_checkpoint()
+
+
+def report_epoch(epoch_results, unreadable, step, writer):
+    """The epoch's line, and its figures in TensorBoard."""
+    validation, memory = epoch_results["validation"], epoch_results["memory"]
+    gpu_memory = f"GPU {memory['peak_gpu_gib']:.1f} GiB, " if memory["peak_gpu_gib"] is not None else ""
+    print(f"epoch {epoch_results['epoch']}: train loss {epoch_results['train_loss']:.4f}, validation loss "
+          f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on {validation['num_examples']} images; "
+          f"waited {epoch_results['data_wait_seconds']:.2f} s for data; peak memory {gpu_memory}host "
+          f"{memory['peak_host_gib']:.1f} GiB" +
+          (f"; left out {unreadable} unreadable image{'s' * (unreadable > 1)}" if unreadable else ""))
+    writer.add_scalar("train/epoch_loss", epoch_results["train_loss"], step)
+    writer.add_scalar("train/data_wait_seconds", epoch_results["data_wait_seconds"], step)
+    for split in ("validation", "test"):
+        for metric in ("loss", "accuracy"):
+            if split in epoch_results:
+                writer.add_scalar(f"{split}/{metric}", epoch_results[split][metric], step)
+
+
+def save(run):
+    """Reports the test figures, saves the model and image processor, then results.json, plots and a model card."""
+    args, progress, boosted, topology = run.args, run.progress, run.boosted, run.boosted.topology
+    final = progress["epochs"][-1]
+    # the best epoch is chosen on validation accuracy alone (then loss); its test figures are reported beside it
+    best = max(progress["epochs"], key=lambda epoch: (epoch["validation"]["accuracy"], -epoch["validation"]["loss"]))
+    if "test" in final and topology.reports:
+        print(f"test: loss {final['test']['loss']:.4f}, accuracy {final['test']['accuracy']:.4f} on "
+              f"{final['test']['num_examples']} images")
+
+    unreadable_on_ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(unreadable_on_ranks, progress["unreadable"])
+    with checkpoint.write_errors_named(args.output_path):
+        boosted.booster.save_model(boosted.model, args.output_path, shard=True, use_safetensors=True)
+        if dist.get_rank() == 0:
+            run.image_processor.save_pretrained(args.output_path)
+        if not topology.reports:
+            return
+        run.writer.close()
+        train_images = run.images["train"]
+        results = {
+            "config": {**vars(args), "world_size": dist.get_world_size(), "data_parallel_size": topology.dp_size,
+                       "device": str(run.device), "label_names": run.names, "num_parameters": run.parameters,
+                       "num_train_examples": len(train_images)},
+            "data": {"mode": "cache" if train_images.cached else "stream", "num_workers": train_images.num_workers,
+                     "num_examples": {name: len(split_images) for name, split_images in run.images.items()},
+                     "unreadable": sorted(set().union(*unreadable_on_ranks))},
+            "memory": peak_memory(run.device),
+            "epochs": progress["epochs"],
+            "test": final.get("test"),
+            "best_epoch": best,
+            "train_images_per_second": progress["images_trained"] / progress["train_seconds"],
+            "seconds": {"setup": sum(run.setup_parts.values()), "setup_parts": run.setup_parts,
+                        "train": progress["train_seconds"],
+                        "data_wait": sum(epoch["data_wait_seconds"] for epoch in progress["epochs"]),
+                        "evaluation": progress["evaluation_seconds"],
+                        "total": time.perf_counter() - PROCESS_START},
+        }
+        with open(os.path.join(args.output_path, "results.json"), "w") as file:
+            json.dump(results, file, indent=2)
+        report.write_plots(results, args.output_path)
+        report.write_model_card(results, args.output_path)
+    seconds = results["seconds"]
+    print(f"saved the fine-tuned model, results.json, plots and a model card to {args.output_path} "
+          f"({seconds['total']:.1f} s: setup {seconds['setup']:.1f}, training {seconds['train']:.1f} of which "
+          f"data wait {seconds['data_wait']:.2f}, evaluation {seconds['evaluation']:.1f})")
+
+
+def main():
+    args = parse_demo_args()
+    run = set_up(args)
+    with out_of_memory_named(args, run.parameters):
+        train(run)
+        save(run)
+    # NCCL warns at exit about a process group left standing; a gloo one is left to the exit, as destroying it
+    # before DDP's reducer lets go of it can deadlock in its destructor (PyTorch 2.5, seen in CI)
+    if dist.get_backend() == "nccl":
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

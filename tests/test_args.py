@@ -88,3 +88,29 @@ def test_precision_a_plugin_cannot_train_in_is_refused(capsys, argv, message):
 def test_a_gpu_memory_cap_without_a_gpu_is_refused(capsys):
     message = parse_error(capsys, ["--plugin", "torch_ddp", "--max_gpu_memory_gib", "4"])
     assert message.startswith("error: --max_gpu_memory_gib 4 caps GPU memory and no CUDA GPU is available")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plugin", "torch_ddp", "--offload", "optimizer"],
+     "--plugin torch_ddp cannot --offload optimizer; use --plugin low_level_zero or gemini or hybrid_parallel"),
+    (["--plugin", "torch_ddp", "--offload", "disk"], "argument --offload: invalid choice: 'disk'"),
+    (["--plugin", "torch_ddp", "--offload_fraction", "0.5"],
+     "--offload_fraction 0.5 splits what gemini offloads; it needs --plugin gemini with --offload optimizer or all"),
+    (["--plugin", "torch_ddp", "--offload_fraction", "1.5"], "--offload_fraction: must be in [0, 1], got 1.5"),
+])
+def test_offload_a_plugin_cannot_do_is_refused(capsys, argv, message):
+    assert message in parse_error(capsys, argv)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU plugins are refused earlier on the CPU")
+@pytest.mark.parametrize("argv, message", [
+    (["--plugin", "low_level_zero", "--offload", "all"],
+     "--plugin low_level_zero cannot --offload all; use --plugin gemini (low_level_zero and hybrid_parallel offload "
+     "only the optimizer)"),
+    (["--plugin", "hybrid_parallel", "--offload", "optimizer", "--precision", "fp32"],
+     "--plugin hybrid_parallel offloads through ZeRO, which trains in bf16 or fp16, not --precision fp32"),
+    (["--plugin", "low_level_zero", "--offload", "optimizer", "--offload_fraction", "0.5"],
+     "it needs --plugin gemini with --offload optimizer or all"),
+])
+def test_offload_a_gpu_plugin_cannot_do_is_refused(capsys, argv, message):
+    assert message in parse_error(capsys, argv)

@@ -36,8 +36,21 @@ def test_plugin_reaches_published_accuracy_on_one_gpu(tmp_path, plugin):
 @pytest.mark.parametrize("data_mode", ["cache", "stream"])
 @pytest.mark.parametrize("plugin", ["gemini", "low_level_zero", "hybrid_parallel"])
 def test_bf16_plugin_resumes_after_a_kill(tmp_path, plugin, data_mode):
-    settings = {"PLUGIN": plugin, "GPUNUM": 1, "BS": 32, "LR": 1e-4, "EPOCH": 2, "WARMUP_RATIO": 0.3,
-                "WEIGHT_DECAY": 0.5, "SAVE_EVERY": 10, "KEEP_CHECKPOINTS": 2, "DATA_MODE": data_mode}
+    resumed = check_resume_after_a_kill(tmp_path, f"{plugin}_{data_mode}", PLUGIN=plugin, DATA_MODE=data_mode)
+    assert resumed["data"]["mode"] == data_mode
+
+
+@pytest.mark.parametrize("plugin, offload", [("gemini", "optimizer"), ("gemini", "all"),
+                                             ("low_level_zero", "optimizer"), ("hybrid_parallel", "optimizer")])
+def test_offloaded_training_resumes_after_a_kill(tmp_path, plugin, offload):
+    resumed = check_resume_after_a_kill(tmp_path, f"{plugin}_offload_{offload}", PLUGIN=plugin, OFFLOAD=offload)
+    assert resumed["config"]["offload"] == offload
+
+
+def check_resume_after_a_kill(tmp_path, name, **settings):
+    """Kills a 2-epoch run after its step-10 checkpoint, resumes it, and compares it with an uninterrupted run."""
+    settings = {"GPUNUM": 1, "BS": 32, "LR": 1e-4, "EPOCH": 2, "WARMUP_RATIO": 0.3, "WEIGHT_DECAY": 0.5,
+                "SAVE_EVERY": 10, "KEEP_CHECKPOINTS": 2, **settings}
     _, uninterrupted = run_to_end(BEANS_DIR, tmp_path / "uninterrupted", **settings)
     output_path = tmp_path / "interrupted"
     process = start_run(BEANS_DIR, output_path, **settings)
@@ -47,15 +60,16 @@ def test_bf16_plugin_resumes_after_a_kill(tmp_path, plugin, data_mode):
     output, resumed = run_to_end(BEANS_DIR, output_path, RESUME="latest", **settings)
     assert f"resuming from {step_10}: epoch 1, step 10 of 32" in output
     if os.environ.get("GPU_RESULTS_DIR"):
-        (Path(os.environ["GPU_RESULTS_DIR"]) / f"resume_{plugin}_{data_mode}.json").write_text(
+        (Path(os.environ["GPU_RESULTS_DIR"]) / f"resume_{name}.json").write_text(
             json.dumps({"uninterrupted": metrics(uninterrupted), "resumed": metrics(resumed)}))
-    assert resumed["data"]["mode"] == uninterrupted["data"]["mode"] == data_mode
-    if plugin == "gemini":  # its checkpoint holds the fp32 master weights: the resumed run is the same run
+    assert resumed["data"]["mode"] == uninterrupted["data"]["mode"]
+    if settings["PLUGIN"] == "gemini":  # its checkpoint holds the fp32 master weights: the resumed run is the same run
         assert metrics(resumed) == metrics(uninterrupted)
     else:  # the others rebuild their fp32 master weights from the saved bf16 model, losing what bf16 rounds off
         final, final_resumed = uninterrupted["epochs"][-1], resumed["epochs"][-1]
         assert final_resumed["validation"]["loss"] == pytest.approx(final["validation"]["loss"], rel=0.1)
         assert final_resumed["validation"]["accuracy"] >= 0.94 and resumed["test"]["accuracy"] >= 0.94
+    return resumed
 
 
 def test_a_memory_cap_holds_and_running_out_under_it_is_one_line(tmp_path):
@@ -69,4 +83,5 @@ def test_a_memory_cap_holds_and_running_out_under_it_is_one_line(tmp_path):
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(
         f"error: out of GPU memory under the --max_gpu_memory_gib 0.5 cap, training {MODEL_DIR} (5.5M parameters) at "
-        "--batch_size 512 with torch_ddp; try --grad_checkpoint, a smaller --batch_size, a higher cap")
+        "--batch_size 512 with torch_ddp; try --offload optimizer (low_level_zero, gemini, hybrid_parallel), "
+        "--grad_checkpoint, a smaller --batch_size or a higher cap")
