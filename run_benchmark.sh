@@ -1,30 +1,45 @@
 #!/usr/bin/env bash
-# Times training steps of ViT-B/16 for each plugin and for plain PyTorch (eager and compiled) in one run, and
-# prints the table (also written to OUTPUT). Variables can be overridden: BATCH_SIZES=128 bash run_benchmark.sh
-# CONFIGURATIONS may also name torch_compile_max_autotune (about 4.5 minutes of autotuning for ViT-B/16).
+# Times training steps of a ViT (ViT-B/16 unless MODEL_SIZES says) for each plugin and for plain PyTorch (eager and
+# compiled) in one run, and prints the table (also written to OUTPUT). Variables can be overridden:
+#   BATCH_SIZES=128 bash run_benchmark.sh
+# CONFIGURATIONS may also name torch_compile_max_autotune (about 4.5 minutes of autotuning for ViT-B/16), a plugin
+# with what it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer), and DeepSpeed with offload
+# (deepspeed_zero2_offload, deepspeed_zero3_offload; if installed), the peer for models larger than the GPU.
+# LARGEST=1 is the memory mode: each configuration's largest model of MODEL_SIZES that trains, for example
+#   LARGEST=1 MAX_GPU_MEMORY_GIB=24 GRAD_CHECKPOINT=1 BATCH_SIZES=32 MODEL_SIZES=g/14,G/14,e/14,6B/14 \
+#   CONFIGURATIONS=torch,deepspeed_zero2_offload,gemini:all bash run_benchmark.sh
 # Without a GPU it times a tiny ViT on the CPU (torch and torch_ddp only), which checks the script, not the speed.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 CONFIGURATIONS=${CONFIGURATIONS:-torch,torch_compile,torch_ddp,torch_ddp_fp16,low_level_zero,gemini,hybrid_parallel}
+MODEL_SIZES=${MODEL_SIZES:-}       # tiny, B/16, L/16, H/14, g/14, G/14, e/14, 6B/14, 8B/14 (default: B/16, tiny on CPU)
 BATCH_SIZES=${BATCH_SIZES:-32,128}  # batch size of each GPU
 GPUNUM=${GPUNUM:-1}                 # >1 times the plugins data-parallel over GPUNUM GPUs (references need 1)
 STEPS=${STEPS:-30}                  # timed steps of each configuration, after WARMUP_STEPS
 WARMUP_STEPS=${WARMUP_STEPS:-10}
+GRAD_CHECKPOINT=${GRAD_CHECKPOINT:-0}       # 1: recompute activations in the backward pass
+MAX_GPU_MEMORY_GIB=${MAX_GPU_MEMORY_GIB:-}  # cap each process's GPU memory (rehearse a smaller GPU)
+LARGEST=${LARGEST:-0}               # 1: memory mode, each configuration's largest model (one GPU, one batch size)
 OUTPUT=${OUTPUT:-benchmark.json}
 PROFILE_DIR=${PROFILE_DIR:-}        # set: also writes a profile of each configuration's steps there
 
-extra=()
 if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   echo "No CUDA GPU found: timing a tiny ViT on the CPU."
-  CONFIGURATIONS=torch,torch_ddp extra=(--tiny)
+  CONFIGURATIONS=torch,torch_ddp MODEL_SIZES=${MODEL_SIZES:-tiny}
 fi
-
-torchrun --standalone --nproc_per_node "$GPUNUM" vit_benchmark.py \
-  --configurations "$CONFIGURATIONS" \
-  --batch_sizes "$BATCH_SIZES" \
-  --steps "$STEPS" \
-  --warmup_steps "$WARMUP_STEPS" \
-  --json "$OUTPUT" \
-  ${PROFILE_DIR:+--profile "$PROFILE_DIR"} \
-  "${extra[@]}"
+benchmark=(vit_benchmark.py
+  --configurations "$CONFIGURATIONS"
+  --model_sizes "${MODEL_SIZES:-B/16}"
+  --batch_sizes "$BATCH_SIZES"
+  --steps "$STEPS"
+  --warmup_steps "$WARMUP_STEPS"
+  --json "$OUTPUT"
+  ${PROFILE_DIR:+--profile "$PROFILE_DIR"}
+  ${MAX_GPU_MEMORY_GIB:+--max_gpu_memory_gib "$MAX_GPU_MEMORY_GIB"}
+  $([ "$GRAD_CHECKPOINT" = 1 ] && echo --grad_checkpoint || true))
+if [ "$LARGEST" = 1 ]; then  # it starts a process of its own for each configuration and size
+  python3 "${benchmark[@]}" --largest
+else
+  torchrun --standalone --nproc_per_node "$GPUNUM" "${benchmark[@]}"
+fi

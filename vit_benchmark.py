@@ -1,18 +1,30 @@
 """Training-step throughput of a ViT under each Colossal-AI plugin, against plain PyTorch measured in the same run.
 
-Times whole training steps (forward, backward, optimizer) on synthetic batches already on the device, after
-warm-up, with the example's own plugin and optimizer settings (build_plugin, build_optimizer of vit_train_demo.py).
-The references are a plain PyTorch model with bf16 autocast, SDPA attention and fused AdamW, eager and compiled
-(torch_compile_max_autotune also autotunes the matrix multiplications: about 4.5 minutes of warm-up for ViT-B/16, so it
-runs only when asked for); they run in single-process invocations only. --profile writes where each configuration's
-step spends its GPU and CPU time. Launch through run_benchmark.sh, or
+Times whole training steps (forward, backward, optimizer) of ViTs of random weights on synthetic batches already on
+the device, after warm-up, with the example's own plugin, offload and optimizer settings (build_booster,
+build_optimizer of vit_train_demo.py): a configuration is a plugin, optionally with what it offloads,
+`plugin:offload[:fraction]` (gemini:optimizer:0.5). The references are a plain PyTorch model with bf16 autocast,
+SDPA attention and fused AdamW, eager and compiled (torch_compile_max_autotune also autotunes the matrix
+multiplications: about 4.5 minutes of warm-up for ViT-B/16, so it runs only when asked for); they run in
+single-process invocations only, as does DeepSpeed ZeRO-2 or ZeRO-3 with offload (deepspeed_zero2_offload,
+deepspeed_zero3_offload), the peer a user would pick instead to train a model larger than the GPU, if installed.
+
+--largest is the memory mode: for each configuration, the sizes of --model_sizes from the smallest up, each in a
+process of its own (so that each has its own peak host memory, and running out spoils nothing), until one does not
+fit under --max_gpu_memory_gib, or would not fit in host memory. --profile writes where each configuration's step
+spends its GPU and CPU time. Launch through run_benchmark.sh, or
 `torchrun --standalone --nproc_per_node N vit_benchmark.py ...` to time the plugins data-parallel over N GPUs.
 """
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -24,48 +36,84 @@ import colossalai
 from colossalai.accelerator import get_accelerator
 from transformers import ViTConfig, ViTForImageClassification
 
-from args import PLUGINS, parse_demo_args
+from args import OFFLOADS, PLUGINS, parse_demo_args
 from vit_train_demo import (SINGLE_PROCESS_ENV, Boosted, Topology, build_booster, build_optimizer,
                             forward_backward, plain_cross_entropy)
 
 REFERENCES = ("torch", "torch_compile", "torch_compile_max_autotune")
+PEERS = ("deepspeed_zero2_offload", "deepspeed_zero3_offload")
 DEFAULT_CONFIGURATIONS = ("torch", "torch_compile") + PLUGINS  # max-autotune only on request: minutes of tuning
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
-            patch_size=8)  # for a quick run on the CPU
+# hidden size, layers, MLP size, attention heads, patch size: ViT-B/L/H (Dosovitskiy et al.), g/G (Zhai et al.),
+# e (PaLI), and two larger ones of InternViT-6B's shape and of 8B; tiny, a 32-pixel ViT for a quick run on the CPU
+SIZES = {"tiny": (64, 2, 128, 2, 8), "B/16": (768, 12, 3072, 12, 16), "L/16": (1024, 24, 4096, 16, 16),
+         "H/14": (1280, 32, 5120, 16, 14), "g/14": (1408, 40, 6144, 16, 14), "G/14": (1664, 48, 8192, 16, 14),
+         "e/14": (1792, 56, 15360, 16, 14), "6B/14": (3200, 45, 12800, 25, 14), "8B/14": (4096, 40, 16384, 32, 14)}
+# host memory a configuration takes per parameter, roughly: the fp32 model built on the host, and where the
+# optimizer lives there, its fp32 weights and Adam's two states besides
+HOST_BYTES_PER_PARAMETER = {"on_gpu": 4, "offloaded": 16}
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configurations", default=",".join(DEFAULT_CONFIGURATIONS),
-                        help=f"comma-separated, from {', '.join(REFERENCES + PLUGINS)}")
+                        help=f"comma-separated, from {', '.join(REFERENCES + PLUGINS + PEERS)}; a plugin may name what "
+                        "it offloads: gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer")
+    parser.add_argument("--model_sizes", default="B/16", help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--batch_sizes", default="32,128", help="comma-separated batch sizes of each GPU")
     parser.add_argument("--warmup_steps", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30, help="timed steps of each configuration")
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer, 32-pixel ViT instead of ViT-B/16")
+    parser.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in the backward pass")
+    parser.add_argument("--max_gpu_memory_gib", type=float, default=None,
+                        help="cap each process's GPU memory at this (to rehearse a smaller GPU)")
+    parser.add_argument("--largest", action="store_true",
+                        help="memory mode: each configuration's largest model of --model_sizes that trains")
     parser.add_argument("--json", default="benchmark.json", help="where the table is also written")
     parser.add_argument("--profile", metavar="DIR",
                         help="also profile 3 steps of each configuration: DIR/<configuration>_b<batch>.txt")
     args = parser.parse_args()
     args.configurations = args.configurations.split(",")
+    args.model_sizes = args.model_sizes.split(",")
     args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
-    unknown = set(args.configurations) - set(REFERENCES + PLUGINS)
-    if unknown:
-        parser.error(f"unknown --configurations {', '.join(sorted(unknown))}; choose from "
-                     f"{', '.join(REFERENCES + PLUGINS)}")
+    for name in args.configurations:
+        plugin, *offload = name.split(":")
+        if name not in REFERENCES + PEERS and (plugin not in PLUGINS or offload[:1] and offload[0] not in OFFLOADS
+                                              or len(offload) > 2):
+            parser.error(f"unknown configuration {name}; choose from {', '.join(REFERENCES + PLUGINS + PEERS)}, a "
+                         f"plugin optionally as plugin:offload[:fraction] with offload one of {', '.join(OFFLOADS)}")
+    unknown_sizes = set(args.model_sizes) - set(SIZES)
+    if unknown_sizes:
+        parser.error(f"unknown --model_sizes {', '.join(sorted(unknown_sizes))}; choose from {', '.join(SIZES)}")
     if not torch.cuda.is_available() and set(args.configurations) - {"torch", "torch_ddp"}:
-        parser.error("on the CPU only --configurations torch,torch_ddp run (with --tiny)")
+        parser.error("on the CPU only --configurations torch,torch_ddp run (with --model_sizes tiny)")
     return args
 
 
-def new_model(args, device):
+def vit_config(size):
+    hidden, layers, mlp, heads, patch = SIZES[size]
+    return ViTConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=mlp, num_attention_heads=heads,
+                     patch_size=patch, image_size=32 if size == "tiny" else 224, num_labels=3,
+                     attn_implementation="sdpa")
+
+
+def parameter_count(size):
+    """Parameters of a ViT of this size, counted on a model built without storage."""
+    with torch.device("meta"):
+        return sum(parameter.numel() for parameter in ViTForImageClassification(vit_config(size)).parameters())
+
+
+def new_model(size, args, device):
     torch.manual_seed(0)
-    config = ViTConfig(num_labels=3, attn_implementation="sdpa", **(TINY if args.tiny else {}))
-    return ViTForImageClassification(config).to(device), config.image_size
+    config = vit_config(size)
+    with torch.device(device):  # built where it trains: a 6B-parameter model takes a minute to initialise on the CPU
+        model = ViTForImageClassification(config)
+    if args.grad_checkpoint:
+        model.gradient_checkpointing_enable()
+    return model, config.image_size
 
 
-def reference_step_function(name, args, device):
+def reference_step_function(name, size, args, device):
     """One training step of plain PyTorch: bf16 autocast on the GPU (fp32 on the CPU), fused AdamW."""
-    model, image_size = new_model(args, device)
+    model, image_size = new_model(size, args, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.5, fused=device.type == "cuda")
     forward = model
     if name == "torch_compile":
@@ -83,10 +131,12 @@ def reference_step_function(name, args, device):
     return step, image_size
 
 
-def plugin_step_function(name, args, device):
-    """One training step of the example with its default settings for the plugin `name`."""
-    settings = parse_demo_args(["--plugin", name])
-    model, image_size = new_model(args, device)
+def plugin_step_function(name, size, args, device):
+    """One training step of the example with its settings for the plugin (and offload) `name`."""
+    plugin, offload, fraction = (name.split(":") + ["none", "1"])[:3]
+    settings = parse_demo_args(["--plugin", plugin, "--offload", offload, "--offload_fraction", fraction])
+    # offloading plugins place the weights themselves: built on the host, the model never has to fit on the GPU
+    model, image_size = new_model(size, args, "cpu" if offload != "none" else device)
     plugin, booster = build_booster(model, settings, device)
     topology = Topology(plugin)
     model, optimizer, *_ = booster.boost(model, build_optimizer(model, settings))
@@ -102,26 +152,57 @@ def plugin_step_function(name, args, device):
     return step, image_size
 
 
-def measure(name, batch_size, args, device):
-    """Mean seconds per step over args.steps steps after args.warmup_steps, and the peak GPU memory in GiB."""
-    build = reference_step_function if name in REFERENCES else plugin_step_function
-    step, image_size = build(name, args, device)
-    pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    labels = torch.randint(0, 3, (batch_size,), device=device)
-    for _ in range(args.warmup_steps):
-        step(pixel_values, labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step(pixel_values, labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # the steps are queued asynchronously: wait for the last one before reading time
-    seconds = (time.perf_counter() - start) / args.steps
+def deepspeed_step_function(name, size, args, device):
+    """One training step of DeepSpeed ZeRO-2 (optimizer offloaded) or ZeRO-3 (optimizer and weights offloaded), in
+    bf16 with its CPU Adam: a benchmark-only peer, not a requirement of the example."""
+    import deepspeed
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    model, image_size = new_model(size, args, "cpu")
+    stage = 2 if name == "deepspeed_zero2_offload" else 3
+    offload = {"device": "cpu", "pin_memory": True}
+    config = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
+              "bf16": {"enabled": True},
+              "zero_optimization": {"stage": stage, "offload_optimizer": offload,
+                                    **({"offload_param": offload} if stage == 3 else {})}}
+    optimizer = DeepSpeedCPUAdam(model.parameters(), lr=1e-4, weight_decay=0.5, adamw_mode=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+
+    def step(pixel_values, labels):
+        logits = engine(pixel_values=pixel_values.to(torch.bfloat16)).logits
+        engine.backward(F.cross_entropy(logits.float(), labels))
+        engine.step()
+
+    return step, image_size
+
+
+def measure(name, size, batch_size, args, device):
+    """Mean seconds per step over args.steps steps after args.warmup_steps, and the peak GPU memory in GiB; seconds
+    None if the GPU ran out of memory."""
+    build = (reference_step_function if name in REFERENCES else deepspeed_step_function if name in PEERS
+             else plugin_step_function)
+    args.batch_size = batch_size  # DeepSpeed's configuration names it
+    seconds = None
+    try:
+        step, image_size = build(name, size, args, device)
+        pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device)
+        labels = torch.randint(0, 3, (batch_size,), device=device)
+        for _ in range(args.warmup_steps):
+            step(pixel_values, labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(pixel_values, labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the steps are queued asynchronously: wait for the last one before reading time
+        seconds = (time.perf_counter() - start) / args.steps
+    except torch.OutOfMemoryError:
+        pass
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    if args.profile:
+    if args.profile and seconds:
         profile_steps(step, pixel_values, labels, device,
                       os.path.join(args.profile, f"{name}_b{batch_size}.txt") if dist.get_rank() == 0 else None)
     return seconds, peak_gib
@@ -153,51 +234,169 @@ def profile_steps(step, pixel_values, labels, device, path, steps=3):
         file.write("\n".join(lines) + "\n")
 
 
-def main():
-    args = parse_args()
+def is_colossalai(name):
+    return name not in REFERENCES + PEERS
+
+
+def offloads(name):
+    return name in PEERS or name.split(":")[1:2] not in ([], ["none"])
+
+
+def time_configurations(args):
+    """Every configuration at every size and batch size, in this process (launched by torchrun)."""
     for name, value in SINGLE_PROCESS_ENV.items():
         os.environ.setdefault(name, value)
     accelerator = get_accelerator()
     colossalai.launch_from_torch(backend=accelerator.communication_backend, seed=0, verbose=False)
     device = accelerator.get_current_device()
+    if args.max_gpu_memory_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory_gib * 2**30 / total), device)
     world_size = dist.get_world_size()
     reporting = dist.get_rank() == 0
-    configurations = [name for name in args.configurations if name in PLUGINS or world_size == 1]
+    configurations = [name for name in args.configurations if is_colossalai(name) or world_size == 1]
     rows = []
-    for batch_size in args.batch_sizes:
-        eager_images_per_second = None
-        for name in configurations:
-            seconds, peak_gib = measure(name, batch_size, args, device)
-            images_per_second = batch_size * world_size / seconds
-            if name == "torch":
-                eager_images_per_second = images_per_second
-            rows.append({"configuration": name, "gpus": world_size, "batch_size_per_gpu": batch_size,
-                         "images_per_second": images_per_second, "step_ms": seconds * 1000, "peak_gib": peak_gib,
-                         "vs_eager_reference": images_per_second / eager_images_per_second
-                         if eager_images_per_second else None})
-            if reporting:
-                print(f"{name} batch {batch_size}: {images_per_second:.0f} images/s", flush=True)
-            torch._dynamo.reset()  # the next compiled configuration starts without this one's graphs and guards
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    if not reporting:
-        return
+    for size in args.model_sizes:
+        for batch_size in args.batch_sizes:
+            eager_images_per_second = None
+            for name in configurations:
+                seconds, peak_gib = measure(name, size, batch_size, args, device)
+                images_per_second = batch_size * world_size / seconds if seconds else None
+                if name == "torch":
+                    eager_images_per_second = images_per_second
+                rows.append({"configuration": name, "model": size, "parameters": parameter_count(size),
+                             "gpus": world_size, "batch_size_per_gpu": batch_size,
+                             "images_per_second": images_per_second, "step_ms": seconds and seconds * 1000,
+                             "result": "trains" if seconds else "out of GPU memory", "peak_gib": peak_gib,
+                             "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                             "vs_eager_reference": images_per_second / eager_images_per_second
+                             if eager_images_per_second and images_per_second else None})
+                if reporting:
+                    print(f"{name} ViT-{size} batch {batch_size}: "
+                          f"{f'{images_per_second:.0f} images/s' if seconds else 'out of GPU memory'}", flush=True)
+                torch._dynamo.reset()  # the next compiled configuration starts without this one's graphs and guards
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\n{'ViT tiny' if args.tiny else 'ViT-B/16'}, {device_name} x {world_size}, torch {torch.__version__}, "
-          f"colossalai {colossalai.__version__}, {args.steps} steps after {args.warmup_steps} warm-up\n")
-    print("| configuration | GPUs | batch per GPU | images/s | step ms | peak GiB | vs eager reference |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    return rows if reporting else None, device_name, world_size
+
+
+def find_largest(args):
+    """Each configuration at each size from the smallest up, each in a process of its own, until one does not fit."""
+    host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    log_dir = f"{os.path.splitext(args.json)[0]}_logs"
+    os.makedirs(log_dir, exist_ok=True)
+    rows = []
+    for name in args.configurations:
+        if name in PEERS and importlib.util.find_spec("deepspeed") is None:
+            print(f"{name}: skipped, DeepSpeed is not installed (a benchmark peer only: pip install deepspeed)")
+            continue
+        for size in sorted(args.model_sizes, key=parameter_count):
+            parameters = parameter_count(size)
+            row = {"configuration": name, "model": size, "parameters": parameters, "gpus": 1,
+                   "batch_size_per_gpu": args.batch_sizes[0], "images_per_second": None, "step_ms": None,
+                   "peak_gib": None, "peak_host_gib": None, "vs_eager_reference": None}
+            on_host = offloads(name) or not torch.cuda.is_available()
+            host_needed = parameters * HOST_BYTES_PER_PARAMETER["offloaded" if on_host else "on_gpu"] / 2**30
+            if host_needed > 0.9 * host_gib:
+                rows.append({**row, "result": f"not tried: needs about {host_needed:.0f} GiB of host memory, of "
+                                              f"{host_gib:.0f} here"})
+                print(f"{name} ViT-{size}: {rows[-1]['result']}", flush=True)
+                break
+            rows.append(run_alone(name, size, args, row, os.path.join(log_dir, f"{name}_{size}.log".replace("/", ""))))
+            print(f"{name} ViT-{size}: {rows[-1]['result']}" + (f", {rows[-1]['images_per_second']:.1f} images/s"
+                                                                 if rows[-1]["images_per_second"] else ""), flush=True)
+            if rows[-1]["images_per_second"] is None:
+                break
+    return rows
+
+
+def run_alone(name, size, args, row, log_path):
+    """One configuration at one size in a child process; its row, or `row` with why it did not train."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as table, open(log_path, "w") as log:
+        command = [sys.executable, __file__, "--configurations", name, "--model_sizes", size,
+                   "--batch_sizes", str(args.batch_sizes[0]), "--steps", str(args.steps),
+                   "--warmup_steps", str(args.warmup_steps), "--json", table.name]
+        command += ["--grad_checkpoint"] * args.grad_checkpoint
+        command += ["--max_gpu_memory_gib", str(args.max_gpu_memory_gib)] * bool(args.max_gpu_memory_gib)
+        child = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if child.returncode == 0:
+            return json.load(table)["rows"][0]
+    if child.returncode < 0:
+        return {**row, "result": f"killed by signal {-child.returncode}"
+                                 + " (host out of memory)" * (child.returncode == -9)}
+    with open(log_path) as log:
+        last_line = log.read().strip().splitlines()[-1:] or [""]
+    return {**row, "result": f"failed: {last_line[0][:200]}"}
+
+
+def in_millions_or_billions(count):
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+
+
+def summary(rows):
+    """The largest model each configuration trains, and how the fastest Colossal-AI configuration compares with
+    DeepSpeed ZeRO-2-Offload at each size both train."""
+    lines = []
+    largest = {}
     for row in rows:
-        ratio = f"{row['vs_eager_reference']:.2f}x" if row["vs_eager_reference"] else "-"
-        peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "-"
-        print(f"| {row['configuration']} | {row['gpus']} | {row['batch_size_per_gpu']} | "
-              f"{row['images_per_second']:.0f} | {row['step_ms']:.1f} | {peak} | {ratio} |")
+        if row["images_per_second"] and row["parameters"] > largest.get(row["configuration"], (0,))[0]:
+            largest[row["configuration"]] = (row["parameters"], row["model"])
+    for name, (parameters, size) in largest.items():
+        lines.append(f"- {name}: largest ViT-{size} ({in_millions_or_billions(parameters)} parameters)")
+    colossalai_largest = max((largest[name] for name in largest if is_colossalai(name)), default=None)
+    for reference in ("torch",) + PEERS:
+        if colossalai_largest and reference in largest:
+            lines.append(f"- largest Colossal-AI model against {reference}'s: "
+                         f"{colossalai_largest[0] / largest[reference][0]:.2f}x")
+    peer_rates = {row["model"]: row["images_per_second"] for row in rows
+                  if row["configuration"] == "deepspeed_zero2_offload" and row["images_per_second"]}
+    for size, peer_rate in peer_rates.items():
+        fastest = max((row for row in rows if row["model"] == size and is_colossalai(row["configuration"])
+                       and row["images_per_second"]), key=lambda row: row["images_per_second"], default=None)
+        if fastest:
+            lines.append(f"- ViT-{size}: fastest Colossal-AI configuration {fastest['configuration']} "
+                         f"{fastest['images_per_second']:.1f} images/s, {fastest['images_per_second'] / peer_rate:.2f}x "
+                         f"deepspeed_zero2_offload's {peer_rate:.1f}")
+    return lines
+
+
+def main():
+    args = parse_args()
+    if args.largest:
+        if len(args.batch_sizes) > 1:
+            sys.exit("error: --largest times one batch size; pass one to --batch_sizes")
+        rows, device_name, world_size = find_largest(args), None, 1
+        if torch.cuda.is_available():
+            device_name = torch.cuda.get_device_name()
+    else:
+        rows, device_name, world_size = time_configurations(args)
+        if rows is None:
+            return
+    device_name = device_name or "cpu"
+    cap = f", GPU memory capped at {args.max_gpu_memory_gib:g} GiB" if args.max_gpu_memory_gib else ""
+    print(f"\n{device_name} x {world_size}{cap}, torch {torch.__version__}, colossalai {colossalai.__version__}, "
+          f"{args.steps} steps after {args.warmup_steps} warm-up"
+          f"{', gradient checkpointing' if args.grad_checkpoint else ''}\n")
+    print("| configuration | ViT | parameters | GPUs | batch per GPU | result | images/s | step ms | peak GPU GiB | "
+          "peak host GiB | vs eager reference |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['configuration']} | {row['model']} | {in_millions_or_billions(row['parameters'])} | {row['gpus']} | "
+              f"{row['batch_size_per_gpu']} | {row['result']} | " +
+              " | ".join(f"{row[key]:{form}}" if row[key] is not None else "-" for key, form in
+                         (("images_per_second", ".1f"), ("step_ms", ".1f"), ("peak_gib", ".2f"),
+                          ("peak_host_gib", ".2f"), ("vs_eager_reference", ".2f"))) + " |")
+    lines = summary(rows)
+    if args.largest:
+        print("\n" + "\n".join(lines))
     with open(args.json, "w") as file:
-        json.dump({"model": "tiny" if args.tiny else "vit-base-patch16-224", "device": device_name,
-                   "gpus": world_size, "torch": torch.__version__, "colossalai": colossalai.__version__,
+        json.dump({"model_sizes": args.model_sizes, "device": device_name, "gpus": world_size,
+                   "max_gpu_memory_gib": args.max_gpu_memory_gib, "grad_checkpoint": args.grad_checkpoint,
+                   "torch": torch.__version__, "colossalai": colossalai.__version__,
                    "date": datetime.date.today().isoformat(), "steps": args.steps,
-                   "warmup_steps": args.warmup_steps, "rows": rows}, file, indent=2)
+                   "warmup_steps": args.warmup_steps, "rows": rows, "summary": lines}, file, indent=2)
 
 
 if __name__ == "__main__":
