@@ -67,6 +67,8 @@ def parse_args():
                         help="cap each process's GPU memory at this (to rehearse a smaller GPU)")
     parser.add_argument("--largest", action="store_true",
                         help="memory mode: each configuration's largest model of --model_sizes that trains")
+    parser.add_argument("--timeout_per_size", type=float, default=900,
+                        help="--largest: seconds each configuration may take at one size before it is stopped")
     parser.add_argument("--json", default="benchmark.json", help="where the table is also written")
     parser.add_argument("--profile", metavar="DIR",
                         help="also profile 3 steps of each configuration: DIR/<configuration>_b<batch>.txt")
@@ -102,10 +104,20 @@ def parameter_count(size):
 
 
 def new_model(size, args, device):
+    """A ViT of this size with random weights on `device`: drawn on the GPU when there is one, where they take a
+    second (PyTorch's own initialisation of a 6B-parameter model on the host takes minutes)."""
     torch.manual_seed(0)
     config = vit_config(size)
-    with torch.device(device):  # built where it trains: a 6B-parameter model takes a minute to initialise on the CPU
+    with torch.device("meta"):
         model = ViTForImageClassification(config)
+    model.to_empty(device=device)
+    draw_on = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1 or "token" in name:
+                parameter.copy_(torch.randn(parameter.shape, device=draw_on) * config.initializer_range)
+            else:  # biases, and the layer norms' weights
+                parameter.fill_(float("layernorm" in name and name.endswith("weight")))
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable()
     return model, config.image_size
@@ -320,7 +332,10 @@ def run_alone(name, size, args, row, log_path):
                    "--warmup_steps", str(args.warmup_steps), "--json", table.name]
         command += ["--grad_checkpoint"] * args.grad_checkpoint
         command += ["--max_gpu_memory_gib", str(args.max_gpu_memory_gib)] * bool(args.max_gpu_memory_gib)
-        child = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            child = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout_per_size)
+        except subprocess.TimeoutExpired:
+            return {**row, "result": f"stopped: still running after {args.timeout_per_size:g} s"}
         if child.returncode == 0:
             return json.load(table)["rows"][0]
     if child.returncode < 0:
