@@ -99,7 +99,8 @@ def build_parser():
                         help="where the fine-tuned model, its image processor and results.json are written")
     parser.add_argument("--plugin", default="gemini", choices=PLUGINS, help="Colossal-AI booster plugin")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="training precision (default: bf16 on a GPU, fp16 for torch_ddp_fp16, fp32 on the CPU)")
+                        help="training precision (default: bf16 on a GPU, fp16 for torch_ddp_fp16 and with --offload, "
+                        "fp32 on the CPU)")
     parser.add_argument("--num_epoch", type=positive_int, default=5, help="number of training epochs")
     parser.add_argument("--batch_size", type=positive_int, default=32,
                         help="training batch size of each data-parallel rank")
@@ -168,7 +169,10 @@ def parse_demo_args(argv=None):
                      "with --offload optimizer or all")
     if args.precision is None:
         on_gpu = torch.cuda.is_available()
-        args.precision = "fp16" if args.plugin == "torch_ddp_fp16" else "bf16" if on_gpu else "fp32"
+        # Colossal-AI's CPU Adam kernel reads fp32 and fp16 gradients; bf16 ones go through a far slower PyTorch
+        # fallback (BENCHMARKS.md: models larger than the GPU)
+        fp16 = args.plugin == "torch_ddp_fp16" or args.offload != "none"
+        args.precision = "fp16" if fp16 else "bf16" if on_gpu else "fp32"
     if args.cache_budget_gib is not None and args.data_mode != "auto":
         parser.error(f"--cache_budget_gib decides between caching and streaming, which --data_mode {args.data_mode} "
                      "has already decided; drop one of them")

@@ -21,6 +21,7 @@ import gc
 import importlib.util
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configurations", default=",".join(DEFAULT_CONFIGURATIONS),
                         help=f"comma-separated, from {', '.join(REFERENCES + PLUGINS + PEERS)}; a plugin may name what "
-                        "it offloads: gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer")
+                        "it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer), and a plugin or "
+                        "DeepSpeed a precision other than its default (gemini:optimizer@bf16)")
     parser.add_argument("--model_sizes", default="B/16", help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--batch_sizes", default="32,128", help="comma-separated batch sizes of each GPU")
     parser.add_argument("--warmup_steps", type=int, default=10)
@@ -71,17 +73,19 @@ def parse_args():
                         help="--largest: seconds each configuration may take at one size before it is stopped")
     parser.add_argument("--json", default="benchmark.json", help="where the table is also written")
     parser.add_argument("--profile", metavar="DIR",
-                        help="also profile 3 steps of each configuration: DIR/<configuration>_b<batch>.txt")
+                        help="also profile 3 steps of each configuration: DIR/<configuration>_<size>_b<batch>.txt")
     args = parser.parse_args()
     args.configurations = args.configurations.split(",")
     args.model_sizes = args.model_sizes.split(",")
     args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     for name in args.configurations:
-        plugin, *offload = name.split(":")
-        if name not in REFERENCES + PEERS and (plugin not in PLUGINS or offload[:1] and offload[0] not in OFFLOADS
-                                              or len(offload) > 2):
-            parser.error(f"unknown configuration {name}; choose from {', '.join(REFERENCES + PLUGINS + PEERS)}, a "
-                         f"plugin optionally as plugin:offload[:fraction] with offload one of {', '.join(OFFLOADS)}")
+        setup, _, precision = name.partition("@")
+        plugin, *offload = setup.split(":")
+        if (setup not in REFERENCES + PEERS and (plugin not in PLUGINS or offload[:1] and offload[0] not in OFFLOADS
+                                                or len(offload) > 2) or precision not in ("", "bf16", "fp16")):
+            parser.error(f"unknown configuration {name}; choose from {', '.join(REFERENCES + PLUGINS + PEERS)}; a "
+                         f"plugin may add what it offloads, plugin:offload[:fraction] with offload one of "
+                         f"{', '.join(OFFLOADS)}, and a plugin or DeepSpeed its precision, @bf16 or @fp16")
     unknown_sizes = set(args.model_sizes) - set(SIZES)
     if unknown_sizes:
         parser.error(f"unknown --model_sizes {', '.join(sorted(unknown_sizes))}; choose from {', '.join(SIZES)}")
@@ -145,8 +149,10 @@ def reference_step_function(name, size, args, device):
 
 def plugin_step_function(name, size, args, device):
     """One training step of the example with its settings for the plugin (and offload) `name`."""
-    plugin, offload, fraction = (name.split(":") + ["none", "1"])[:3]
-    settings = parse_demo_args(["--plugin", plugin, "--offload", offload, "--offload_fraction", fraction])
+    setup, _, precision = name.partition("@")
+    plugin, offload, fraction = (setup.split(":") + ["none", "1"][len(setup.split(":")) - 1:])[:3]
+    settings = parse_demo_args(["--plugin", plugin, "--offload", offload, "--offload_fraction", fraction]
+                               + ["--precision", precision] * bool(precision))
     # offloading plugins place the weights themselves: built on the host, the model never has to fit on the GPU
     model, image_size = new_model(size, args, "cpu" if offload != "none" else device)
     plugin, booster = build_booster(model, settings, device)
@@ -166,22 +172,23 @@ def plugin_step_function(name, size, args, device):
 
 def deepspeed_step_function(name, size, args, device):
     """One training step of DeepSpeed ZeRO-2 (optimizer offloaded) or ZeRO-3 (optimizer and weights offloaded), in
-    bf16 with its CPU Adam: a benchmark-only peer, not a requirement of the example."""
+    bf16 (or fp16 if `name` ends in @fp16) with its CPU Adam: a benchmark-only peer, not a requirement of the example."""
     import deepspeed
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     model, image_size = new_model(size, args, "cpu")
-    stage = 2 if name == "deepspeed_zero2_offload" else 3
+    setup, _, precision = name.partition("@")
+    stage = 2 if setup == "deepspeed_zero2_offload" else 3
     offload = {"device": "cpu", "pin_memory": True}
     config = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
-              "bf16": {"enabled": True},
+              precision or "bf16": {"enabled": True},
               "zero_optimization": {"stage": stage, "offload_optimizer": offload,
                                     **({"offload_param": offload} if stage == 3 else {})}}
     optimizer = DeepSpeedCPUAdam(model.parameters(), lr=1e-4, weight_decay=0.5, adamw_mode=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 
     def step(pixel_values, labels):
-        logits = engine(pixel_values=pixel_values.to(torch.bfloat16)).logits
+        logits = engine(pixel_values=pixel_values.to(torch.float16 if precision == "fp16" else torch.bfloat16)).logits
         engine.backward(F.cross_entropy(logits.float(), labels))
         engine.step()
 
@@ -189,12 +196,12 @@ def deepspeed_step_function(name, size, args, device):
 
 
 def measure(name, size, batch_size, args, device):
-    """Mean seconds per step over args.steps steps after args.warmup_steps, and the peak GPU memory in GiB; seconds
-    None if the GPU ran out of memory."""
-    build = (reference_step_function if name in REFERENCES else deepspeed_step_function if name in PEERS
-             else plugin_step_function)
+    """Mean seconds per step over args.steps steps after args.warmup_steps (None if the GPU ran out of memory), the
+    peak GPU memory and the GPU memory held between steps (weights and optimizer states), in GiB."""
+    build = (reference_step_function if name in REFERENCES else plugin_step_function if is_colossalai(name)
+             else deepspeed_step_function)
     args.batch_size = batch_size  # DeepSpeed's configuration names it
-    seconds = None
+    seconds = resident_gib = None
     try:
         step, image_size = build(name, size, args, device)
         pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device)
@@ -204,6 +211,7 @@ def measure(name, size, batch_size, args, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            resident_gib = torch.cuda.memory_allocated() / 2**30
         dist.barrier()
         start = time.perf_counter()
         for _ in range(args.steps):
@@ -216,8 +224,14 @@ def measure(name, size, batch_size, args, device):
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     if args.profile and seconds:
         profile_steps(step, pixel_values, labels, device,
-                      os.path.join(args.profile, f"{name}_b{batch_size}.txt") if dist.get_rank() == 0 else None)
-    return seconds, peak_gib
+                      os.path.join(args.profile, file_name(f"{name}_{size}_b{batch_size}.txt"))
+                      if dist.get_rank() == 0 else None)
+    return seconds, peak_gib, resident_gib
+
+
+def file_name(text):
+    """`text` with what is not a letter, digit, dot or dash as _ (configurations and sizes have : @ /)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", text)
 
 
 def profile_steps(step, pixel_values, labels, device, path, steps=3):
@@ -247,11 +261,12 @@ def profile_steps(step, pixel_values, labels, device, path, steps=3):
 
 
 def is_colossalai(name):
-    return name not in REFERENCES + PEERS
+    return name not in REFERENCES and name.partition("@")[0] not in PEERS
 
 
 def offloads(name):
-    return name in PEERS or name.split(":")[1:2] not in ([], ["none"])
+    setup = name.partition("@")[0]
+    return setup in PEERS or setup.split(":")[1:2] not in ([], ["none"])
 
 
 def time_configurations(args):
@@ -272,7 +287,7 @@ def time_configurations(args):
         for batch_size in args.batch_sizes:
             eager_images_per_second = None
             for name in configurations:
-                seconds, peak_gib = measure(name, size, batch_size, args, device)
+                seconds, peak_gib, resident_gib = measure(name, size, batch_size, args, device)
                 images_per_second = batch_size * world_size / seconds if seconds else None
                 if name == "torch":
                     eager_images_per_second = images_per_second
@@ -280,6 +295,7 @@ def time_configurations(args):
                              "gpus": world_size, "batch_size_per_gpu": batch_size,
                              "images_per_second": images_per_second, "step_ms": seconds and seconds * 1000,
                              "result": "trains" if seconds else "out of GPU memory", "peak_gib": peak_gib,
+                             "resident_gib": resident_gib,
                              "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                              "vs_eager_reference": images_per_second / eager_images_per_second
                              if eager_images_per_second and images_per_second else None})
@@ -291,6 +307,8 @@ def time_configurations(args):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if dist.get_backend() == "nccl":  # (gloo's can deadlock in its destructor: see vit_train_demo.main)
+        dist.destroy_process_group()
     return rows if reporting else None, device_name, world_size
 
 
@@ -301,14 +319,14 @@ def find_largest(args):
     os.makedirs(log_dir, exist_ok=True)
     rows = []
     for name in args.configurations:
-        if name in PEERS and importlib.util.find_spec("deepspeed") is None:
+        if name.partition("@")[0] in PEERS and importlib.util.find_spec("deepspeed") is None:
             print(f"{name}: skipped, DeepSpeed is not installed (a benchmark peer only: pip install deepspeed)")
             continue
         for size in sorted(args.model_sizes, key=parameter_count):
             parameters = parameter_count(size)
             row = {"configuration": name, "model": size, "parameters": parameters, "gpus": 1,
                    "batch_size_per_gpu": args.batch_sizes[0], "images_per_second": None, "step_ms": None,
-                   "peak_gib": None, "peak_host_gib": None, "vs_eager_reference": None}
+                   "peak_gib": None, "resident_gib": None, "peak_host_gib": None, "vs_eager_reference": None}
             on_host = offloads(name) or not torch.cuda.is_available()
             host_needed = parameters * HOST_BYTES_PER_PARAMETER["offloaded" if on_host else "on_gpu"] / 2**30
             if host_needed > 0.9 * host_gib:
@@ -316,7 +334,7 @@ def find_largest(args):
                                               f"{host_gib:.0f} here"})
                 print(f"{name} ViT-{size}: {rows[-1]['result']}", flush=True)
                 break
-            rows.append(run_alone(name, size, args, row, os.path.join(log_dir, f"{name}_{size}.log".replace("/", ""))))
+            rows.append(run_alone(name, size, args, row, os.path.join(log_dir, file_name(f"{name}_{size}.log"))))
             print(f"{name} ViT-{size}: {rows[-1]['result']}" + (f", {rows[-1]['images_per_second']:.1f} images/s"
                                                                  if rows[-1]["images_per_second"] else ""), flush=True)
             if rows[-1]["images_per_second"] is None:
@@ -332,6 +350,7 @@ def run_alone(name, size, args, row, log_path):
                    "--warmup_steps", str(args.warmup_steps), "--json", table.name]
         command += ["--grad_checkpoint"] * args.grad_checkpoint
         command += ["--max_gpu_memory_gib", str(args.max_gpu_memory_gib)] * bool(args.max_gpu_memory_gib)
+        command += ["--profile", args.profile] * bool(args.profile)
         try:
             child = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout_per_size)
         except subprocess.TimeoutExpired:
@@ -342,8 +361,9 @@ def run_alone(name, size, args, row, log_path):
         return {**row, "result": f"killed by signal {-child.returncode}"
                                  + " (host out of memory)" * (child.returncode == -9)}
     with open(log_path) as log:
-        last_line = log.read().strip().splitlines()[-1:] or [""]
-    return {**row, "result": f"failed: {last_line[0][:200]}"}
+        lines = log.read().strip().splitlines() or [""]
+    reason = next((line for line in reversed(lines) if re.match(r"(\w+Error|error)\b", line)), lines[-1])
+    return {**row, "result": f"failed: {reason[:200]}"}
 
 
 def in_millions_or_billions(count):
@@ -366,7 +386,7 @@ def summary(rows):
             lines.append(f"- largest Colossal-AI model against {reference}'s: "
                          f"{colossalai_largest[0] / largest[reference][0]:.2f}x")
     peer_rates = {row["model"]: row["images_per_second"] for row in rows
-                  if row["configuration"] == "deepspeed_zero2_offload" and row["images_per_second"]}
+                  if row["configuration"] == "deepspeed_zero2_offload" and row["images_per_second"]}  # bf16
     for size, peer_rate in peer_rates.items():
         fastest = max((row for row in rows if row["model"] == size and is_colossalai(row["configuration"])
                        and row["images_per_second"]), key=lambda row: row["images_per_second"], default=None)
@@ -395,13 +415,13 @@ def main():
           f"{args.steps} steps after {args.warmup_steps} warm-up"
           f"{', gradient checkpointing' if args.grad_checkpoint else ''}\n")
     print("| configuration | ViT | parameters | GPUs | batch per GPU | result | images/s | step ms | peak GPU GiB | "
-          "peak host GiB | vs eager reference |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "GPU GiB between steps | peak host GiB | vs eager reference |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['configuration']} | {row['model']} | {in_millions_or_billions(row['parameters'])} | {row['gpus']} | "
               f"{row['batch_size_per_gpu']} | {row['result']} | " +
               " | ".join(f"{row[key]:{form}}" if row[key] is not None else "-" for key, form in
-                         (("images_per_second", ".1f"), ("step_ms", ".1f"), ("peak_gib", ".2f"),
+                         (("images_per_second", ".1f"), ("step_ms", ".1f"), ("peak_gib", ".2f"), ("resident_gib", ".2f"),
                           ("peak_host_gib", ".2f"), ("vs_eager_reference", ".2f"))) + " |")
     lines = summary(rows)
     if args.largest:

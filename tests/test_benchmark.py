@@ -28,7 +28,7 @@ def test_benchmark_times_the_reference_and_the_plugin_in_one_run(tmp_path):
         assert plugin["vs_eager_reference"] == pytest.approx(plugin["images_per_second"] / reference["images_per_second"])
     assert "| torch_ddp | tiny | 0.1M | 1 | 8 | trains |" in run.stdout
     for configuration, batch_size in rows:  # the profiled steps ran the model and the optimizer
-        profile = (tmp_path / "profiles" / f"{configuration}_b{batch_size}.txt").read_text()
+        profile = (tmp_path / "profiles" / f"{configuration}_tiny_b{batch_size}.txt").read_text()
         assert profile.startswith("per step, under the profiler:")
         assert "aten::mm" in profile and "Optimizer.step#AdamW.step" in profile
 
@@ -48,4 +48,4 @@ def test_memory_mode_walks_the_sizes_up_until_one_does_not_fit(tmp_path):
         assert rows[0]["images_per_second"] > 0 and rows[1]["peak_host_gib"] > rows[0]["peak_host_gib"]
         assert rows[2]["model"] == "8B/14" and rows[2]["result"].startswith("not tried: needs about 120 GiB of host")
         assert f"- {configuration}: largest ViT-B/16 (85.8M parameters)" in table["summary"]
-        assert (tmp_path / "largest_logs" / f"{configuration}_B16.log").exists()
+        assert (tmp_path / "largest_logs" / f"{configuration}_B_16.log").exists()
