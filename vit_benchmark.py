@@ -9,10 +9,10 @@ multiplications: about 4.5 minutes of warm-up for ViT-B/16, so it runs only when
 single-process invocations only, as does DeepSpeed ZeRO-2 or ZeRO-3 with offload (deepspeed_zero2_offload,
 deepspeed_zero3_offload), the peer a user would pick instead to train a model larger than the GPU, if installed.
 
---largest is the memory mode: for each configuration, the sizes of --model_sizes from the smallest up, each in a
-process of its own (so that each has its own peak host memory, and running out spoils nothing), until one does not
-fit under --max_gpu_memory_gib, or would not fit in host memory. --profile writes where each configuration's step
-spends its GPU and CPU time. Launch through run_benchmark.sh, or
+--largest is the memory mode: for each configuration, the sizes of --model_sizes from the largest down, each in a
+process of its own (so that each has its own peak host memory, and running out spoils nothing), until one trains
+under --max_gpu_memory_gib; a size that cannot fit the host's or the GPU's memory whatever the batch is not tried.
+--profile writes where each configuration's step spends its GPU and CPU time. Launch through run_benchmark.sh, or
 `torchrun --standalone --nproc_per_node N vit_benchmark.py ...` to time the plugins data-parallel over N GPUs.
 """
 import argparse
@@ -49,9 +49,6 @@ DEFAULT_CONFIGURATIONS = ("torch", "torch_compile") + PLUGINS  # max-autotune on
 SIZES = {"tiny": (64, 2, 128, 2, 8), "B/16": (768, 12, 3072, 12, 16), "L/16": (1024, 24, 4096, 16, 16),
          "H/14": (1280, 32, 5120, 16, 14), "g/14": (1408, 40, 6144, 16, 14), "G/14": (1664, 48, 8192, 16, 14),
          "e/14": (1792, 56, 15360, 16, 14), "6B/14": (3200, 45, 12800, 25, 14), "8B/14": (4096, 40, 16384, 32, 14)}
-# host memory a configuration takes per parameter, roughly: the fp32 model built on the host, and where the
-# optimizer lives there, its fp32 weights and Adam's two states besides
-HOST_BYTES_PER_PARAMETER = {"on_gpu": 4, "offloaded": 16}
 
 
 def parse_args():
@@ -312,9 +309,36 @@ def time_configurations(args):
     return rows if reporting else None, device_name, world_size
 
 
-def find_largest(args):
-    """Each configuration at each size from the smallest up, each in a process of its own, until one does not fit."""
+def offloaded_part(name):
+    """What a configuration keeps on the host: none, optimizer (fp32 weights and Adam states) or all."""
+    setup = name.partition("@")[0]
+    if setup in PEERS:
+        return "optimizer" if setup == "deepspeed_zero2_offload" else "all"
+    return (setup.split(":") + ["none"])[1] if is_colossalai(name) else "none"
+
+
+def memory_needed(name, parameters, gpu_cap_gib):
+    """Why a configuration cannot train a model of `parameters` here without trying, or None: what it must hold
+    whatever the batch (host: the fp32 model built there, plus the fp32 weights and Adam states it offloads; GPU:
+    the 16-bit weights and gradients where the optimizer is offloaded, fp32 weights, gradients and Adam states
+    where nothing is)."""
+    offloaded = offloaded_part(name)
+    on_gpu = torch.cuda.is_available()
     host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    host_needed = parameters * (16 if offloaded != "none" or not on_gpu else 4) / 2**30
+    if host_needed > 0.9 * host_gib:
+        return f"not tried: needs about {host_needed:.0f} GiB of host memory, of {host_gib:.0f} here"
+    if on_gpu:
+        gpu_gib = min(torch.cuda.get_device_properties(0).total_memory / 2**30, gpu_cap_gib or float("inf"))
+        gpu_needed = parameters * {"none": 16, "optimizer": 4, "all": 0}[offloaded] / 2**30
+        if gpu_needed > gpu_gib:
+            return (f"not tried: needs over {gpu_needed:.0f} GiB of GPU memory, of "
+                    f"{f'the {gpu_cap_gib:g} GiB cap' if gpu_cap_gib else f'{gpu_gib:.0f} GiB here'}")
+    return None
+
+
+def find_largest(args):
+    """Each configuration at each size from the largest down, each in a process of its own, until one trains."""
     log_dir = f"{os.path.splitext(args.json)[0]}_logs"
     os.makedirs(log_dir, exist_ok=True)
     rows = []
@@ -322,22 +346,19 @@ def find_largest(args):
         if name.partition("@")[0] in PEERS and importlib.util.find_spec("deepspeed") is None:
             print(f"{name}: skipped, DeepSpeed is not installed (a benchmark peer only: pip install deepspeed)")
             continue
-        for size in sorted(args.model_sizes, key=parameter_count):
+        for size in sorted(args.model_sizes, key=parameter_count, reverse=True):
             parameters = parameter_count(size)
             row = {"configuration": name, "model": size, "parameters": parameters, "gpus": 1,
                    "batch_size_per_gpu": args.batch_sizes[0], "images_per_second": None, "step_ms": None,
                    "peak_gib": None, "resident_gib": None, "peak_host_gib": None, "vs_eager_reference": None}
-            on_host = offloads(name) or not torch.cuda.is_available()
-            host_needed = parameters * HOST_BYTES_PER_PARAMETER["offloaded" if on_host else "on_gpu"] / 2**30
-            if host_needed > 0.9 * host_gib:
-                rows.append({**row, "result": f"not tried: needs about {host_needed:.0f} GiB of host memory, of "
-                                              f"{host_gib:.0f} here"})
-                print(f"{name} ViT-{size}: {rows[-1]['result']}", flush=True)
-                break
-            rows.append(run_alone(name, size, args, row, os.path.join(log_dir, file_name(f"{name}_{size}.log"))))
+            too_large = memory_needed(name, parameters, args.max_gpu_memory_gib)
+            if too_large:
+                rows.append({**row, "result": too_large})
+            else:
+                rows.append(run_alone(name, size, args, row, os.path.join(log_dir, file_name(f"{name}_{size}.log"))))
             print(f"{name} ViT-{size}: {rows[-1]['result']}" + (f", {rows[-1]['images_per_second']:.1f} images/s"
                                                                  if rows[-1]["images_per_second"] else ""), flush=True)
-            if rows[-1]["images_per_second"] is None:
+            if rows[-1]["images_per_second"]:
                 break
     return rows
 
