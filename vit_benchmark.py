@@ -383,7 +383,7 @@ def run_alone(name, size, args, row, log_path):
                                  + " (host out of memory)" * (child.returncode == -9)}
     with open(log_path) as log:
         lines = log.read().strip().splitlines() or [""]
-    reason = next((line for line in reversed(lines) if re.match(r"(\w+Error|error)\b", line)), lines[-1])
+    reason = next((line for line in reversed(lines) if re.search(r"(\w+Error|^error): ", line)), lines[-1])
     return {**row, "result": f"failed: {reason[:200]}"}
 
 
