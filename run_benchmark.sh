@@ -6,14 +6,14 @@
 # with what it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer), and DeepSpeed with offload
 # (deepspeed_zero2_offload, deepspeed_zero3_offload; if installed), the peer for models larger than the GPU.
 # LARGEST=1 is the memory mode: each configuration's largest model of MODEL_SIZES that trains, for example
-#   LARGEST=1 MAX_GPU_MEMORY_GIB=24 GRAD_CHECKPOINT=1 BATCH_SIZES=32 MODEL_SIZES=g/14,G/14,e/14,6B/14 \
+#   LARGEST=1 MAX_GPU_MEMORY_GIB=24 GRAD_CHECKPOINT=1 BATCH_SIZES=32 MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14 \
 #   CONFIGURATIONS=torch,deepspeed_zero2_offload,gemini:all bash run_benchmark.sh
 # Without a GPU it times a tiny ViT on the CPU (torch and torch_ddp only), which checks the script, not the speed.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 CONFIGURATIONS=${CONFIGURATIONS:-torch,torch_compile,torch_ddp,torch_ddp_fp16,low_level_zero,gemini,hybrid_parallel}
-MODEL_SIZES=${MODEL_SIZES:-}       # tiny, B/16, L/16, H/14, g/14, G/14, e/14, 6B/14, 8B/14 (default: B/16, tiny on CPU)
+MODEL_SIZES=${MODEL_SIZES:-}       # tiny, B/16, L/16, H/14, g/14, G/14, e/14, 5.5B/14, 6.5B/14, 8B/14 (default: B/16, tiny on CPU)
 BATCH_SIZES=${BATCH_SIZES:-32,128}  # batch size of each GPU
 GPUNUM=${GPUNUM:-1}                 # >1 times the plugins data-parallel over GPUNUM GPUs (references need 1)
 STEPS=${STEPS:-30}                  # timed steps of each configuration, after WARMUP_STEPS

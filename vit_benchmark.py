@@ -45,10 +45,12 @@ REFERENCES = ("torch", "torch_compile", "torch_compile_max_autotune")
 PEERS = ("deepspeed_zero2_offload", "deepspeed_zero3_offload")
 DEFAULT_CONFIGURATIONS = ("torch", "torch_compile") + PLUGINS  # max-autotune only on request: minutes of tuning
 # hidden size, layers, MLP size, attention heads, patch size: ViT-B/L/H (Dosovitskiy et al.), g/G (Zhai et al.),
-# e (PaLI), and two larger ones of InternViT-6B's shape and of 8B; tiny, a 32-pixel ViT for a quick run on the CPU
+# e (PaLI), and larger ones: InternViT-6B's shape (5.5B parameters at 224 pixels), 6.5B and 8B; tiny, a 32-pixel ViT
+# for a quick run on the CPU
 SIZES = {"tiny": (64, 2, 128, 2, 8), "B/16": (768, 12, 3072, 12, 16), "L/16": (1024, 24, 4096, 16, 16),
          "H/14": (1280, 32, 5120, 16, 14), "g/14": (1408, 40, 6144, 16, 14), "G/14": (1664, 48, 8192, 16, 14),
-         "e/14": (1792, 56, 15360, 16, 14), "6B/14": (3200, 45, 12800, 25, 14), "8B/14": (4096, 40, 16384, 32, 14)}
+         "e/14": (1792, 56, 15360, 16, 14), "5.5B/14": (3200, 45, 12800, 25, 14), "6.5B/14": (3584, 42, 14336, 28, 14),
+         "8B/14": (4096, 40, 16384, 32, 14)}
 
 
 def parse_args():
