@@ -193,3 +193,27 @@ def test_bad_input_stops_with_one_line_naming_it(tmp_path, flag, value, message)
     assert run.returncode == 1
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith(message) and "Traceback" not in run.stderr
+
+
+def test_a_checkpoint_without_a_classification_head_gets_one(tmp_path):
+    """Like google/vit-huge-patch14-224-in21k: the backbone alone (ViTModel), with its image processor."""
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, ViTModel
+    backbone = tmp_path / "backbone"
+    ViTModel.from_pretrained(MODEL_DIR, add_pooling_layer=False).save_pretrained(backbone)
+    AutoImageProcessor.from_pretrained(MODEL_DIR).save_pretrained(backbone)
+    output_path = tmp_path / "model"
+    run = subprocess.run([sys.executable, "vit_train_demo.py", "--plugin", "torch_ddp", "--model_name_or_path",
+                          str(backbone), "--dataset", str(BEANS_DIR), "--output_path", str(output_path),
+                          "--num_epoch", "1", "--max_train_samples", "64", "--max_eval_samples", "16"],
+                         cwd=ROOT, env={**os.environ, "MASTER_PORT": str(free_port())}, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((output_path / "results.json").read_text())
+    assert results["config"]["num_parameters"] == pytest.approx(5.5e6, rel=0.05)
+    weights = {}
+    for shard in output_path.glob("*.safetensors"):
+        weights.update(load_file(shard))
+    assert weights["classifier.weight"].shape == (3, 192)  # a new head for beans' 3 labels, saved with the model
+    config = json.loads((output_path / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == sorted(LABELS)
