@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md in one go, on a freshly installed GPU machine: the one-off build of
-# Colossal-AI's fused Adam kernel, the start-up of each launcher, the Hugging Face recipe (hf_recipe.py) and then
+# Colossal-AI's Adam kernels, the start-up of each launcher, the Hugging Face recipe (hf_recipe.py) and then
 # run_finetuning.sh for each plugin with the example's defaults (gemini first, as a new user's first run), each
 # timed from the shell, then the training-step benchmark with a profile of each configuration.
 #   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash run_device_benchmarks.sh [PART]
@@ -8,8 +8,12 @@
 # inductor's autotuning as well: about 5 minutes), or streaming (about 6 minutes on an H100: a 52,000-image folder of 500x500
 # JPEGs made from beans, trained on for one epoch by a random-weight ViT-B/16 at batch 128 with torch_ddp, streamed
 # and cached, beside the same plugin's synthetic-batch rate and the Hugging Face recipe on the same folder).
+# largest (about 35 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT from g/14 to
+# 8B/14 (vit_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin with
+# offload), then all of them at ViT-G/14.
 # Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
-# profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log.
+# profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log; for largest largest.json,
+# vit_g.json and their .log and _logs/.
 set -euo pipefail
 cd "$(dirname "$0")"
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
@@ -18,9 +22,12 @@ GPUNUM=${GPUNUM:-1}
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
 case "$PART" in
-  end_to_end | steps | both | autotune | streaming) ;;
-  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune or streaming" >&2; exit 2 ;;
+  end_to_end | steps | both | autotune | streaming | largest) ;;
+  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming or largest" >&2; exit 2 ;;
 esac
+# the README's install step: Colossal-AI's CPU and GPU Adam kernels, built once, in one process
+BUILD_KERNELS="from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
+CPUAdamLoader().load(); FusedOptimizerLoader().load()"
 mkdir -p "$LOG_DIR"
 
 step_table() {  # NAME VARIABLE=VALUE...: run_benchmark.sh with those variables, into LOG_DIR/NAME.json and .log
@@ -38,8 +45,7 @@ seconds_of() {  # wall seconds of a command, its output appended to end_to_end.l
 }
 
 if [ "$PART" = end_to_end ] || [ "$PART" = both ]; then
-  echo "kernel build: $(seconds_of python3 -c \
-    'from colossalai.kernel.kernel_loader import FusedOptimizerLoader; FusedOptimizerLoader().load()') s"
+  echo "kernel build: $(seconds_of python3 -c "$BUILD_KERNELS") s"
   echo "import sys" >"$RUN_ROOT/empty.py"
   for launcher in python3 "torchrun --nproc_per_node 1" "colossalai run --nproc_per_node 1"; do
     wall=$(seconds_of $launcher "$RUN_ROOT/empty.py")
@@ -164,4 +170,17 @@ for name, row in rows.items():
 json.dump({"synthetic_images_per_second": synthetic_rate, "runs": rows}, open(f"{log_dir}/streaming.json", "w"),
           indent=2)
 PY
+fi
+if [ "$PART" = largest ]; then
+  python3 -c "$BUILD_KERNELS" >/dev/null
+  if python3 -c "import deepspeed" 2>/dev/null; then  # its CPU Adam builds at first use: once, before the timing
+    python3 -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >/dev/null
+  fi
+  capped=(LARGEST=1 MAX_GPU_MEMORY_GIB="${CAP_GIB:-24}" GRAD_CHECKPOINT=1 BATCH_SIZES=32 STEPS=2 WARMUP_STEPS=1)
+  offloading=deepspeed_zero2_offload,deepspeed_zero3_offload,gemini:optimizer,gemini:all,low_level_zero:optimizer
+  offloading+=,hybrid_parallel:optimizer
+  step_table largest "${capped[@]}" MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14,8B/14 \
+    CONFIGURATIONS=torch,$offloading
+  step_table vit_g "${capped[@]}" MODEL_SIZES=G/14 \
+    CONFIGURATIONS=$offloading,gemini:optimizer@bf16,gemini:optimizer:0.5
 fi
