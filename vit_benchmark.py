@@ -38,7 +38,7 @@ from colossalai.accelerator import get_accelerator
 from transformers import ViTConfig, ViTForImageClassification
 
 from args import OFFLOADS, PLUGINS, parse_demo_args
-from vit_train_demo import (SINGLE_PROCESS_ENV, Boosted, Topology, build_booster, build_optimizer,
+from vit_train_demo import (SINGLE_PROCESS_ENV, Boosted, Topology, build_booster, build_optimizer, cap_gpu_memory,
                             forward_backward, plain_cross_entropy)
 
 REFERENCES = ("torch", "torch_compile", "torch_compile_max_autotune")
@@ -276,8 +276,7 @@ def time_configurations(args):
     colossalai.launch_from_torch(backend=accelerator.communication_backend, seed=0, verbose=False)
     device = accelerator.get_current_device()
     if args.max_gpu_memory_gib:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory_gib * 2**30 / total), device)
+        cap_gpu_memory(args.max_gpu_memory_gib, device)
     world_size = dist.get_world_size()
     reporting = dist.get_rank() == 0
     configurations = [name for name in args.configurations if is_colossalai(name) or world_size == 1]

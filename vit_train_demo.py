@@ -332,6 +332,12 @@ def plain_cross_entropy(outputs, inputs):
     return F.cross_entropy(outputs.logits.float(), inputs["labels"])
 
 
+def cap_gpu_memory(gib, device):
+    """Makes allocating more than `gib` GiB on `device` in this process raise torch.OutOfMemoryError."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+
+
 def init_distributed(args):
     """What colossalai.launch_from_torch does, with this process's GPU named to the process group up front (NCCL
     otherwise guesses it at the first barrier, with a warning), and its memory capped if asked. Returns the
@@ -345,8 +351,7 @@ def init_distributed(args):
     dist.init_process_group(accelerator.communication_backend, device_id=device if device.type == "cuda" else None)
     set_seed(args.seed)
     if args.max_gpu_memory_gib:  # to share a GPU, or rehearse a smaller one
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory_gib * 2**30 / total), device)
+        cap_gpu_memory(args.max_gpu_memory_gib, device)
     if not args.verbose:  # what is left of the libraries' logging: warnings that ask the user for something
         transformers.logging.set_verbosity_error()
         get_dist_logger().set_level("WARNING")
