@@ -254,6 +254,14 @@ class BatchPlan:
         return len(self.indices)
 
 
+def decoding_loader(split, decoder, num_workers, **batching):
+    """A DataLoader whose worker processes decode and resize the images of `split`. It has a generator of its own:
+    it draws its workers' seeds from it, and drawing from the global one would shift the augmentation's random
+    stream away from a cached (or resumed) run's."""
+    return DataLoader(StreamedSplit(split, decoder), collate_fn=as_is, num_workers=num_workers,
+                      worker_init_fn=yield_to_training, generator=torch.Generator(), **batching)
+
+
 class SplitImages:
     """One split as batches on the device: `batches(index_batches)` yields, for each batch of indices, the model
     input made of its readable images, their labels, and which images of the batch were readable.
@@ -270,11 +278,9 @@ class SplitImages:
             self.pixel_values = torch.empty(len(split), *decoder.shape, dtype=torch.uint8, device=device)
             self.readable = torch.empty(len(split), dtype=torch.bool, device=device)
             # decoded once by loader worker processes, which leave the training process free to set up meanwhile
-            # (decoding threads would hold its GIL for much of the processor's work); the loader's own generator
-            # keeps it off the global random stream, which the training process draws from meanwhile
-            chunks = DataLoader(StreamedSplit(split, decoder), batch_size=chunk_size, collate_fn=as_is,
-                                num_workers=min(num_workers, math.ceil(len(split) / chunk_size)),
-                                worker_init_fn=yield_to_training, generator=torch.Generator())
+            # (decoding threads would hold its GIL for much of the processor's work)
+            chunks = decoding_loader(split, decoder, min(num_workers, math.ceil(len(split) / chunk_size)),
+                                     batch_size=chunk_size)
             for start, chunk in zip(range(0, len(split), chunk_size), chunks):
                 self.check(chunk["unreadable"])
                 readable = chunk["readable"]
@@ -283,12 +289,8 @@ class SplitImages:
                     chunk["pixel_values"].to(device)
         else:
             self.plan = BatchPlan()
-            # a generator of its own: the loader draws its workers' seeds from it, and drawing from the global one
-            # would shift the augmentation's random stream away from a cached (or resumed) run's
-            self.loader = DataLoader(StreamedSplit(split, decoder), batch_sampler=self.plan, collate_fn=as_is,
-                                     num_workers=num_workers, pin_memory=device.type == "cuda",
-                                     persistent_workers=num_workers > 0, generator=torch.Generator(),
-                                     worker_init_fn=yield_to_training)
+            self.loader = decoding_loader(split, decoder, num_workers, batch_sampler=self.plan,
+                                          pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
 
     def __len__(self):
         return len(self.labels)
