@@ -9,8 +9,8 @@
 # JPEGs made from beans, trained on for one epoch by a random-weight ViT-B/16 at batch 128 with torch_ddp, streamed
 # and cached, beside the same plugin's synthetic-batch rate and the Hugging Face recipe on the same folder).
 # largest (about 35 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT from g/14 to
-# 8B/14 (vit_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin with
-# offload), then all of them at ViT-G/14.
+# 8B/14 (vit_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin without
+# and with offload), then the offloading ones at ViT-G/14.
 # Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
 # profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log; for largest largest.json,
 # vit_g.json and their .log and _logs/.
@@ -180,7 +180,7 @@ if [ "$PART" = largest ]; then
   offloading=deepspeed_zero2_offload,deepspeed_zero3_offload,gemini:optimizer,gemini:all,low_level_zero:optimizer
   offloading+=,hybrid_parallel:optimizer
   step_table largest "${capped[@]}" MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14,8B/14 \
-    CONFIGURATIONS=torch,$offloading
+    CONFIGURATIONS=torch,torch_ddp,low_level_zero,gemini,hybrid_parallel,$offloading
   step_table vit_g "${capped[@]}" MODEL_SIZES=G/14 \
     CONFIGURATIONS=$offloading,gemini:optimizer@bf16,gemini:optimizer:0.5
 fi
