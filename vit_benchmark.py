@@ -263,11 +263,6 @@ def is_colossalai(name):
     return name not in REFERENCES and name.partition("@")[0] not in PEERS
 
 
-def offloads(name):
-    setup = name.partition("@")[0]
-    return setup in PEERS or setup.split(":")[1:2] not in ([], ["none"])
-
-
 def time_configurations(args):
     """Every configuration at every size and batch size, in this process (launched by torchrun)."""
     for name, value in SINGLE_PROCESS_ENV.items():
