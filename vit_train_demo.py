@@ -66,10 +66,12 @@ def build_plugin(args):
         return LowLevelZeroPlugin(precision=args.precision, initial_scale=2**5, cpu_offload=offload,
                                   overlap_communication=dist.get_world_size() > 1)
     if args.plugin == "gemini":
+        # shares of the fp32 weights and Adam states, and of the 16-bit weights, that gemini keeps on the host
+        optimizer_share, weight_share = {"none": (0.0, 0.0), "optimizer": (args.offload_fraction, 0.0),
+                                         "all": (1.0, args.offload_fraction)}[args.offload]
         # pinned host memory is what gemini's asynchronous gradient reduction uses anyway (it warns if not asked)
         return GeminiPlugin(precision=args.precision, initial_scale=2**5, pin_memory=True, placement_policy="static",
-                            offload_optim_frac=args.offload_fraction if args.offload == "optimizer" else float(offload),
-                            offload_param_frac=args.offload_fraction if args.offload == "all" else 0.0)
+                            offload_optim_frac=optimizer_share, offload_param_frac=weight_share)
     return HybridParallelPlugin(tp_size=args.tp_size, pp_size=args.pp_size, microbatch_size=1,
                                 enable_all_optimization=True, precision=args.precision, initial_scale=1,
                                 zero_stage=int(offload), cpu_offload=offload)
