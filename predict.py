@@ -53,8 +53,8 @@ def load_classifier(model_path, device):
         raise RunError(f"no fine-tuned model in {model_path} (no config.json); pass the --output_path of a finished "
                        "run with --model")
     try:
-        # the slow processor is the one the model was trained with
-        image_processor = AutoImageProcessor.from_pretrained(model_path, use_fast=False)
+        # the fast processor (torchvision), as in training
+        image_processor = AutoImageProcessor.from_pretrained(model_path, use_fast=True)
         return pipeline("image-classification", model=model_path, image_processor=image_processor, device=device)
     except (OSError, ValueError, RuntimeError) as error:
         raise RunError(f"cannot load the model in {model_path}: {str(error).splitlines()[0]}") from None

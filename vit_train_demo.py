@@ -125,7 +125,7 @@ def unbuilt_kernels(loader):
 
 def load_model(model_name_or_path, names):
     try:
-        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, use_fast=False)
+        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, use_fast=True)
         model = ViTForImageClassification.from_pretrained(
             model_name_or_path, num_labels=len(names), id2label=dict(enumerate(names)),
             label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True,
@@ -441,7 +441,7 @@ def set_up(args):
 
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0, "epoch_data_wait": 0.0,
                 "epochs": [], "images_trained": 0, "train_seconds": 0.0, "evaluation_seconds": 0.0,
-                "unreadable": []}
+                "unreadable": [], "epoch_start": {}}
     if resume_from:
         progress = checkpoint.load_checkpoint(boosted.booster, boosted.model, boosted.optimizer, boosted.lr_scheduler,
                                               resume_from)
@@ -468,10 +468,15 @@ def train(run):
         return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
 
     for epoch in range(progress["epoch"], args.num_epoch):
+        if progress["step_in_epoch"] == 0:  # a run resumed mid-epoch keeps the start it was checkpointed with
+            progress["epoch_start"] = {key: progress[key] for key in ("images_trained", "train_seconds")}
         train_epoch(run, criterion)
         loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
                                                run.steps_per_epoch * topology.holds_output], run.device)
+        start = progress["epoch_start"]
         epoch_results = {"epoch": epoch + 1, "train_loss": loss_sum / loss_count,
+                         "images_per_second": ((progress["images_trained"] - start["images_trained"])
+                                               / (progress["train_seconds"] - start["train_seconds"])),
                          "data_wait_seconds": progress["epoch_data_wait"]}
         evaluation_start = time.perf_counter()
         for split in ("validation", "test"):
@@ -495,7 +500,8 @@ def report_epoch(epoch_results, unreadable, step, writer):
     gpu_memory = f"GPU {memory['peak_gpu_gib']:.1f} GiB, " if memory["peak_gpu_gib"] is not None else ""
     print(f"epoch {epoch_results['epoch']}: train loss {epoch_results['train_loss']:.4f}, validation loss "
           f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on {validation['num_examples']} images; "
-          f"waited {epoch_results['data_wait_seconds']:.2f} s for data; peak memory {gpu_memory}host "
+          f"trained {epoch_results['images_per_second']:.1f} images/s, waiting {epoch_results['data_wait_seconds']:.2f} "
+          f"s for data; peak memory {gpu_memory}host "
           f"{memory['peak_host_gib']:.1f} GiB" +
           (f"; left out {unreadable} unreadable image{'s' * (unreadable > 1)}" if unreadable else ""))
     writer.add_scalar("train/epoch_loss", epoch_results["train_loss"], step)

@@ -45,9 +45,9 @@ def check_schema(results, num_epoch, num_validation=133, num_test=128):
     assert 0.5 < results["memory"]["peak_host_gib"] < 24
     assert [epoch["epoch"] for epoch in results["epochs"]] == list(range(1, num_epoch + 1))
     for epoch in results["epochs"]:
-        assert set(epoch) == ({"epoch", "train_loss", "data_wait_seconds", "validation", "memory"}
+        assert set(epoch) == ({"epoch", "train_loss", "images_per_second", "data_wait_seconds", "validation", "memory"}
                               | ({"test"} if num_test else set()))
-        assert epoch["train_loss"] > 0 and 0 <= epoch["data_wait_seconds"]
+        assert epoch["train_loss"] > 0 and epoch["images_per_second"] > 0 and 0 <= epoch["data_wait_seconds"]
         assert 0.5 < epoch["memory"]["peak_host_gib"] <= results["memory"]["peak_host_gib"]
         check_metrics(epoch["validation"], num_validation)
     if num_test:

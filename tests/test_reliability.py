@@ -41,7 +41,8 @@ def run_to_end(dataset, output_path, **overrides):
 
 def metrics(results):
     """Everything a run measured about the model (the process's timings and memory left out)."""
-    epochs = [{name: value for name, value in epoch.items() if name not in ("data_wait_seconds", "memory")}
+    epochs = [{name: value for name, value in epoch.items()
+               if name not in ("images_per_second", "data_wait_seconds", "memory")}
               for epoch in results["epochs"]]
     return {"epochs": epochs, "test": results["test"]}
 
