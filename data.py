@@ -290,7 +290,10 @@ def decoding_loader(split, decoder, num_workers, **batching):
 
 class SplitImages:
     """One split as batches on the device: `batches(index_batches)` yields, for each batch of indices, the model
-    input made of its readable images, their labels, and which images of the batch were readable.
+    input made of its readable images, their labels, and which images of the batch were readable (on the host).
+
+    Making a batch never waits for the device: which images are readable is known on the host, and indices go to
+    the device without a blocking copy, so the training loop queues a step while the device runs the one before.
 
     An unreadable image stops the run with a one-line error naming it, or, with skip_unreadable, is left out of
     its batch and recorded in `unreadable`."""
@@ -302,7 +305,7 @@ class SplitImages:
         self.labels = torch.tensor(labels_of(split), device=device)
         if cached:
             self.pixel_values = torch.empty(len(split), *decoder.shape, dtype=torch.uint8, device=device)
-            self.readable = torch.empty(len(split), dtype=torch.bool, device=device)
+            self.readable = torch.empty(len(split), dtype=torch.bool)
             # decoded once by loader worker processes, which leave the training process free to set up meanwhile
             # (decoding threads would hold its GIL for much of the processor's work)
             chunks = decoding_loader(split, decoder, min(num_workers, math.ceil(len(split) / chunk_size)),
@@ -310,7 +313,7 @@ class SplitImages:
             for start, chunk in zip(range(0, len(split), chunk_size), chunks):
                 self.check(chunk["unreadable"])
                 readable = chunk["readable"]
-                self.readable[start:start + len(readable)] = readable.to(device)
+                self.readable[start:start + len(readable)] = readable
                 self.pixel_values[torch.arange(start, start + len(readable))[readable]] = \
                     decoder.to_device(chunk, device)
         else:
@@ -327,20 +330,22 @@ class SplitImages:
                            "to go on without it")
         self.unreadable.update(unreadable)
 
+    def kept_on_device(self, indices, readable):
+        """The readable ones of `indices`, on the device (a copy the host does not wait for)."""
+        return torch.tensor(indices)[readable].to(self.device, non_blocking=True)
+
     def batches(self, index_batches):
         if self.cached:
             for indices in index_batches:
-                indices = torch.tensor(indices, device=self.device)
                 readable = self.readable[indices]
-                kept = indices[readable]
+                kept = self.kept_on_device(indices, readable)
                 yield self.normalise(self.pixel_values[kept]), self.labels[kept], readable
             return
         self.plan.indices = index_batches
         for indices, batch in zip(index_batches, self.loader):
             self.check(batch["unreadable"])
-            readable = batch["readable"].to(self.device)
-            labels = self.labels[torch.tensor(indices, device=self.device)[readable]]
-            yield self.normalise(self.decoder.to_device(batch, self.device)), labels, readable
+            kept = self.kept_on_device(indices, batch["readable"])
+            yield self.normalise(self.decoder.to_device(batch, self.device)), self.labels[kept], batch["readable"]
 
 
 def device_images(splits, image_processor, device, args, announce):

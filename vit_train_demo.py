@@ -261,7 +261,7 @@ def evaluate(boosted, images, device, batch_size, names):
     last = len(images) - 1  # the padding positions past the end read copies of the last image, never counted
     index_batches = [[min(position, last) for position in positions] for positions in batches]
     for positions, (pixel_values, labels, readable) in zip(batches, images.batches(index_batches)):
-        counted = torch.tensor(positions, device=device)[readable] <= last
+        counted = (torch.tensor(positions)[readable] <= last).to(device)
         _, logits = forward_backward(boosted, {"pixel_values": pixel_values, "labels": labels}, plain_cross_entropy,
                                      train=False)
         if topology.holds_output:
