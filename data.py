@@ -6,9 +6,9 @@ written by `save_to_disk`.
 
 How its images reach the device (SplitImages): the model's image processor resizes each decoded picture to the
 model's resolution (on the GPU, when training there), kept as uint8 (150 KB an image at 224 px, a quarter of
-float32). When all splits fit the
-cache budget, that happens once, up front, and the result stays on the training device, so no epoch decodes a
-JPEG or copies to the device again. Otherwise the images stream: DataLoader worker processes decode every batch
+float32). When all splits fit the cache
+budget, that happens once, up front, and the result stays on the training device, so no epoch decodes a JPEG or
+copies to the device again. Otherwise the images stream: DataLoader worker processes decode every batch
 as it is needed, into pinned memory, and host and device memory stay flat however large the dataset is. Both
 paths hand the same uint8 pixels to `Normalise`, which turns a whole batch into model input on the device.
 """
@@ -227,7 +227,8 @@ class Decoder:
             arrays = [torch.from_numpy(np.array(picture)) for picture in pictures]
         else:
             arrays = list(self.resize(pictures)) if pictures else []
-        return {"pixels": torch.cat([array.flatten() for array in arrays]) if arrays else torch.empty(0, dtype=torch.uint8),
+        pixels = torch.cat([array.flatten() for array in arrays]) if arrays else torch.empty(0, dtype=torch.uint8)
+        return {"pixels": pixels,
                 "shapes": torch.tensor([array.shape for array in arrays], dtype=torch.long).view(-1, 3),
                 "readable": torch.tensor(readable), "unreadable": unreadable}
 

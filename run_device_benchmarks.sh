@@ -168,9 +168,9 @@ print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 for name, row in rows.items():
     wait = "" if row["data_wait_share"] is None else f"{row['data_wait_share']:.1%}"
     last = row["last_epoch_images_per_second"]
-    steady = "" if last is None else f"{last:.0f} | {last / synthetic_rate:.2f}x"
+    steady = " | " if last is None else f"{last:.0f} | {last / synthetic_rate:.2f}x"  # two cells
     print(f"| {name} | {row['train_images']} | {row['epochs']} | {row['images_per_second']:.0f} | "
-          f"{steady or ' | '} | {wait} | {row['setup_seconds']:.1f} | {row['wall_seconds']:.1f} | "
+          f"{steady} | {wait} | {row['setup_seconds']:.1f} | {row['wall_seconds']:.1f} | "
           f"{row['peak_host_gib']:.2f} | {row['peak_gpu_gib'] or 0:.2f} | {row['validation_accuracy']:.4f} |")
 json.dump({"synthetic_images_per_second": synthetic_rate, "runs": rows}, open(f"{log_dir}/streaming.json", "w"),
           indent=2)

@@ -500,8 +500,8 @@ def report_epoch(epoch_results, unreadable, step, writer):
     gpu_memory = f"GPU {memory['peak_gpu_gib']:.1f} GiB, " if memory["peak_gpu_gib"] is not None else ""
     print(f"epoch {epoch_results['epoch']}: train loss {epoch_results['train_loss']:.4f}, validation loss "
           f"{validation['loss']:.4f}, accuracy {validation['accuracy']:.4f} on {validation['num_examples']} images; "
-          f"trained {epoch_results['images_per_second']:.1f} images/s, waiting {epoch_results['data_wait_seconds']:.2f} "
-          f"s for data; peak memory {gpu_memory}host "
+          f"trained {epoch_results['images_per_second']:.1f} images/s, waiting "
+          f"{epoch_results['data_wait_seconds']:.2f} s for data; peak memory {gpu_memory}host "
           f"{memory['peak_host_gib']:.1f} GiB" +
           (f"; left out {unreadable} unreadable image{'s' * (unreadable > 1)}" if unreadable else ""))
     writer.add_scalar("train/epoch_loss", epoch_results["train_loss"], step)

@@ -22,7 +22,8 @@ def image_processor():
 
 def to_tensors(split, image_processor, cached=True, skip_unreadable=False):
     """Every image of `split` as model input, and its labels, through SplitImages in one batch."""
-    images = SplitImages(split, Decoder(image_processor, CPU), CPU, cached, num_workers=1, skip_unreadable=skip_unreadable)
+    images = SplitImages(split, Decoder(image_processor, CPU), CPU, cached, num_workers=1,
+                         skip_unreadable=skip_unreadable)
     pixel_values, labels, _ = next(images.batches([list(range(len(split)))]))
     return pixel_values, labels
 

@@ -108,8 +108,8 @@ def test_images_resized_on_the_gpu_match_the_workers_resizing(tmp_path):
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert Decoder(image_processor, gpu).resize_on_device and not Decoder(image_processor, cpu).resize_on_device
     index_batches = [[3, 1, 4], list(range(5, 12)), [0, 2]]
-    cached, streamed = (SplitImages(split, Decoder(image_processor, gpu), gpu, cached, num_workers=2,
-                                    skip_unreadable=False) for cached in (True, False))
+    cached, streamed = (SplitImages(split, Decoder(image_processor, gpu), gpu, is_cached, num_workers=2,
+                                    skip_unreadable=False) for is_cached in (True, False))
     for (cached_batch, labels, _), (streamed_batch, _, _) in zip(cached.batches(index_batches),
                                                                  streamed.batches(index_batches)):
         assert cached_batch.device.type == "cuda" and torch.equal(cached_batch, streamed_batch) and len(labels)
