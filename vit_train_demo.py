@@ -406,12 +406,14 @@ class Run:
     progress: dict  # where training stands and what it has measured: what a checkpoint holds
     writer: SummaryWriter  # TensorBoard, on the reporting rank only (None elsewhere)
     setup_parts: dict  # seconds of each part of the set-up
+    checkpoint_seconds: float = 0.0  # spent writing checkpoints in this process
 
     def save_checkpoint(self):
         if self.args.keep_checkpoints:
-            boosted = self.boosted
+            start, boosted = time.perf_counter(), self.boosted
             checkpoint.save_checkpoint(boosted.booster, boosted.model, boosted.optimizer, boosted.lr_scheduler,
                                        self.progress, self.args.output_path, self.args.keep_checkpoints)
+            self.checkpoint_seconds += time.perf_counter() - start
 
 
 def set_up(args):
@@ -547,7 +549,7 @@ def save(run):
             "seconds": {"setup": sum(run.setup_parts.values()), "setup_parts": run.setup_parts,
                         "train": progress["train_seconds"],
                         "data_wait": sum(epoch["data_wait_seconds"] for epoch in progress["epochs"]),
-                        "evaluation": progress["evaluation_seconds"],
+                        "evaluation": progress["evaluation_seconds"], "checkpoints": run.checkpoint_seconds,
                         "total": time.perf_counter() - PROCESS_START},
         }
         with open(os.path.join(args.output_path, "results.json"), "w") as file:
@@ -557,7 +559,8 @@ def save(run):
     seconds = results["seconds"]
     print(f"saved the fine-tuned model, results.json, plots and a model card to {args.output_path} "
           f"({seconds['total']:.1f} s: setup {seconds['setup']:.1f}, training {seconds['train']:.1f} of which "
-          f"data wait {seconds['data_wait']:.2f}, evaluation {seconds['evaluation']:.1f})")
+          f"data wait {seconds['data_wait']:.2f}, evaluation {seconds['evaluation']:.1f}, checkpoints "
+          f"{seconds['checkpoints']:.1f})")
 
 
 def main():
@@ -566,18 +569,23 @@ def main():
     with out_of_memory_named(args, run.parameters):
         train(run)
         save(run)
-    # NCCL warns at exit about a process group left standing; a gloo one is left to the exit, as destroying it
-    # before DDP's reducer lets go of it can deadlock in its destructor (PyTorch 2.5, seen in CI)
+    run.images.clear()  # stops the streaming loader's workers now, not when they find their parent gone
+    # a gloo process group is left alone: destroying it before DDP's reducer lets go of it can deadlock in its
+    # destructor (PyTorch 2.5, seen in CI)
     if dist.get_backend() == "nccl":
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    exit_code = 0
     try:
         main()
     except RunError as error:  # every rank says it (a diverged loss may show on one rank only), in one write
         sys.stderr.write(f"error: {error}\n")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # at once: other ranks may wait in a collective that a clean shutdown of the process group would wait on
-        os._exit(1)
+        exit_code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Every file is written and closed. The interpreter's own teardown of PyTorch's, CUDA's and the process
+    # group's state writes nothing and takes seconds (BENCHMARKS.md, end to end); after an error, other ranks may
+    # wait in a collective that a clean shutdown of the process group would wait on.
+    os._exit(exit_code)

@@ -57,11 +57,13 @@ def check_schema(results, num_epoch, num_validation=133, num_test=128):
     assert results["best_epoch"] in results["epochs"] and results["best_epoch"]["validation"]["accuracy"] == best_accuracy
     seconds = results["seconds"]
     assert results["train_images_per_second"] > 0
-    assert set(seconds) == {"setup", "setup_parts", "train", "data_wait", "evaluation", "total"}
+    assert set(seconds) == {"setup", "setup_parts", "train", "data_wait", "evaluation", "checkpoints", "total"}
     assert list(seconds["setup_parts"]) == ["imports", "distributed", "dataset", "model", "booster", "images",
                                             "resume"]
     assert min(seconds["setup_parts"].values()) > 0
-    assert 0 <= seconds["data_wait"] < seconds["train"] and seconds["setup"] + seconds["train"] < seconds["total"]
+    assert 0 <= seconds["data_wait"] < seconds["train"]
+    assert (seconds["checkpoints"] > 0) == (results["config"]["keep_checkpoints"] > 0)
+    assert sum(seconds[part] for part in ("setup", "train", "evaluation", "checkpoints")) < seconds["total"]
 
 
 @pytest.fixture(scope="module")
