@@ -81,10 +81,11 @@ for launcher, wall in launchers.items():
     print(f"| {launcher} | {wall:.2f} |")
 print()
 print("| run | processes | wall s | vs recipe | setup s: imports, distributed, dataset, model, booster, images, resume | "
-      "train s | data wait s | evaluation s | validation accuracy | test accuracy |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+      "train s | data wait s | evaluation s | checkpoints s | rest s (launch, plots, exit) | validation accuracy | "
+      "test accuracy |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 print(f"| Hugging Face recipe | 1 | {recipe_wall:.1f} | 1.00x | {recipe['setup_seconds']:.1f} | "
-      f"{recipe['train_seconds']:.1f} | | | {recipe['validation_accuracy']:.4f} | {recipe['test_accuracy']:.4f} |")
+      f"{recipe['train_seconds']:.1f} | | | | | {recipe['validation_accuracy']:.4f} | {recipe['test_accuracy']:.4f} |")
 for plugin, wall in walls.items():
     results = json.load(open(f"{run_root}/{plugin}/results.json"))
     summary["plugins"][plugin] = {"wall_seconds": wall, **results}
@@ -92,7 +93,8 @@ for plugin, wall in walls.items():
     parts = ", ".join(f"{part:.1f}" for part in seconds["setup_parts"].values())
     print(f"| {plugin} | {results['config']['world_size']} | {wall:.1f} | {wall / recipe_wall:.2f}x | "
           f"{seconds['setup']:.1f}: {parts} | {seconds['train']:.1f} | {seconds['data_wait']:.2f} | "
-          f"{seconds['evaluation']:.1f} | {results['epochs'][-1]['validation']['accuracy']:.4f} | "
+          f"{seconds['evaluation']:.1f} | {seconds['checkpoints']:.1f} | {wall - seconds['total']:.1f} | "
+          f"{results['epochs'][-1]['validation']['accuracy']:.4f} | "
           f"{results['test']['accuracy']:.4f} |")
 json.dump(summary, open(summary_path, "w"), indent=2)
 PY
