@@ -19,6 +19,7 @@ cd "$(dirname "$0")"
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
 PLUGINS=${PLUGINS:-gemini torch_ddp torch_ddp_fp16 low_level_zero hybrid_parallel}
 GPUNUM=${GPUNUM:-1}
+REPEATS=${REPEATS:-3}  # end_to_end: runs of the recipe and of each plugin, in turns; the tables give the median
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
 case "$PART" in
@@ -55,43 +56,70 @@ if [ "$PART" = end_to_end ] || [ "$PART" = both ]; then
   # the reference: Hugging Face's recipe with the same model, data and settings (bs 32, 5 epochs, lr 3e-4, ...)
   recipe() {
     python3 hf_recipe.py --model_name_or_path "$MODEL" --dataset "$DATASET" --eval_every_epoch \
-      --output_path "$RUN_ROOT/hf_recipe_beans" >"$RUN_ROOT/recipe.json"
+      --output_path "$RUN_ROOT/hf_recipe_beans" >"$RUN_ROOT/recipe_$repeat.json"
   }
-  wall=$(seconds_of recipe)
-  echo "Hugging Face recipe: $wall s"
-  echo "recipe $wall" >>"$RUN_ROOT/walls"
-  for plugin in $PLUGINS; do
-    wall=$(seconds_of env PLUGIN="$plugin" GPUNUM="$GPUNUM" OUTPUT_PATH="$RUN_ROOT/$plugin" bash run_finetuning.sh)
-    echo "$plugin: $wall s"
-    echo "$plugin $wall" >>"$RUN_ROOT/walls"
+  # in turns, recipe then each plugin, REPEATS times: a drift of the machine's speed touches them all alike
+  for repeat in $(seq "$REPEATS"); do
+    wall=$(seconds_of recipe)
+    echo "Hugging Face recipe: $wall s"
+    echo "recipe $repeat $wall" >>"$RUN_ROOT/walls"
+    for plugin in $PLUGINS; do
+      wall=$(seconds_of env PLUGIN="$plugin" GPUNUM="$GPUNUM" OUTPUT_PATH="$RUN_ROOT/${plugin}_$repeat" \
+        bash run_finetuning.sh)
+      echo "$plugin: $wall s"
+      echo "$plugin $repeat $wall" >>"$RUN_ROOT/walls"
+    done
   done
 python3 - "$RUN_ROOT" "$LOG_DIR/end_to_end.json" <<'PY'
 import json
 import sys
 
 run_root, summary_path = sys.argv[1:]
-walls = {name: float(wall) for name, wall in (line.split() for line in open(f"{run_root}/walls"))}
-recipe = json.loads(open(f"{run_root}/recipe.json").read().splitlines()[-1])
-recipe_wall = walls.pop("recipe")
-launchers = {name.removeprefix("launcher:"): walls.pop(name) for name in list(walls) if name.startswith("launcher:")}
-summary = {"recipe": {"wall_seconds": recipe_wall, **recipe}, "launchers": launchers, "plugins": {}}
+launchers, walls = {}, {}  # walls: run -> {repeat: wall seconds}
+for line in open(f"{run_root}/walls"):
+    name, *repeat, wall = line.split()
+    if name.startswith("launcher:"):
+        launchers[name.removeprefix("launcher:")] = float(wall)
+    else:
+        walls.setdefault(name, {})[repeat[0]] = float(wall)
+
+
+def median_run(repeats):
+    """The repeat whose wall time is the median (the lower middle one of an even count), and that time."""
+    ordered = sorted(repeats.items(), key=lambda item: item[1])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def spread(repeats):
+    return f"{min(repeats.values()):.1f}-{max(repeats.values()):.1f}" if len(repeats) > 1 else ""
+
+
+recipe_walls = walls.pop("recipe")
+repeat, recipe_wall = median_run(recipe_walls)
+recipe = json.loads(open(f"{run_root}/recipe_{repeat}.json").read().splitlines()[-1])
+summary = {"recipe": {"wall_seconds": recipe_wall, "all_wall_seconds": recipe_walls, **recipe},
+           "launchers": launchers, "plugins": {}}
 print("| launcher | seconds to start an empty script |")
 print("| --- | --- |")
 for launcher, wall in launchers.items():
     print(f"| {launcher} | {wall:.2f} |")
 print()
-print("| run | processes | wall s | vs recipe | setup s: imports, distributed, dataset, model, booster, images, resume | "
+print(f"Median of {len(summary['recipe']['all_wall_seconds'])} runs each; the other figures are the median run's.")
+print()
+print("| run | processes | wall s | wall s, all runs | vs recipe | setup s: imports, distributed, dataset, model, booster, images, resume | "
       "train s | data wait s | evaluation s | checkpoints s | rest s (launch, plots, exit) | validation accuracy | "
       "test accuracy |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-print(f"| Hugging Face recipe | 1 | {recipe_wall:.1f} | 1.00x | {recipe['setup_seconds']:.1f} | "
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print(f"| Hugging Face recipe | 1 | {recipe_wall:.1f} | {spread(recipe_walls)} | 1.00x | {recipe['setup_seconds']:.1f} | "
       f"{recipe['train_seconds']:.1f} | | | | | {recipe['validation_accuracy']:.4f} | {recipe['test_accuracy']:.4f} |")
-for plugin, wall in walls.items():
-    results = json.load(open(f"{run_root}/{plugin}/results.json"))
-    summary["plugins"][plugin] = {"wall_seconds": wall, **results}
+for plugin, repeats in walls.items():
+    repeat, wall = median_run(repeats)
+    results = json.load(open(f"{run_root}/{plugin}_{repeat}/results.json"))
+    summary["plugins"][plugin] = {"wall_seconds": wall, "all_wall_seconds": repeats, **results}
     seconds = results["seconds"]
     parts = ", ".join(f"{part:.1f}" for part in seconds["setup_parts"].values())
-    print(f"| {plugin} | {results['config']['world_size']} | {wall:.1f} | {wall / recipe_wall:.2f}x | "
+    print(f"| {plugin} | {results['config']['world_size']} | {wall:.1f} | {spread(repeats)} | "
+          f"{wall / recipe_wall:.2f}x | "
           f"{seconds['setup']:.1f}: {parts} | {seconds['train']:.1f} | {seconds['data_wait']:.2f} | "
           f"{seconds['evaluation']:.1f} | {seconds['checkpoints']:.1f} | {wall - seconds['total']:.1f} | "
           f"{results['epochs'][-1]['validation']['accuracy']:.4f} | "
