@@ -23,6 +23,7 @@ import json
 import os
 import re
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -359,6 +360,12 @@ def find_largest(args):
     return rows
 
 
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_alone(name, size, args, row, log_path):
     """One configuration at one size in a child process; its row, or `row` with why it did not train."""
     with tempfile.NamedTemporaryFile(suffix=".json") as table, open(log_path, "w") as log:
@@ -369,7 +376,9 @@ def run_alone(name, size, args, row, log_path):
         command += ["--max_gpu_memory_gib", str(args.max_gpu_memory_gib)] * bool(args.max_gpu_memory_gib)
         command += ["--profile", args.profile] * bool(args.profile)
         try:
-            child = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout_per_size)
+            # a rendezvous port of its own: another run on this machine may hold the default one
+            child = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout_per_size,
+                                   env={**os.environ, "MASTER_PORT": str(free_port())})
         except subprocess.TimeoutExpired:
             return {**row, "result": f"stopped: still running after {args.timeout_per_size:g} s"}
         if child.returncode == 0:

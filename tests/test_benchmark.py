@@ -1,6 +1,7 @@
 """run_benchmark.sh end to end on the CPU (a tiny ViT): the table and JSON it promises, the reference in the same run."""
 import json
 import os
+import socket
 import subprocess
 
 import pytest
@@ -38,7 +39,11 @@ def test_memory_mode_walks_the_sizes_down_until_one_trains(tmp_path):
     output = tmp_path / "largest.json"
     env = {**os.environ, "LARGEST": "1", "MODEL_SIZES": "tiny,8B/14,B/16", "BATCH_SIZES": "2", "STEPS": "1",
            "WARMUP_STEPS": "1", "OUTPUT": str(output)}
-    run = subprocess.run(["bash", "run_benchmark.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    with socket.socket() as busy:  # another run on the machine holding the default rendezvous port
+        busy.bind(("", 29500))
+        busy.listen()
+        run = subprocess.run(["bash", "run_benchmark.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = json.loads(output.read_text())
     for configuration in ("torch", "torch_ddp"):  # each size in a process of its own, from the largest down
