@@ -34,6 +34,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoImageProcessor, ViTForImageClassification
 
+# bitsandbytes, which Colossal-AI imports for quantised training that this example does not do, wraps some of its
+# kernels in torch.compile as it loads, which imports PyTorch's inductor: seconds of every start. With dynamo off
+# while Colossal-AI loads, those wrappers stay plain functions; the setting is restored before anything runs.
+DYNAMO_SETTING = os.environ.get("TORCHDYNAMO_DISABLE")
+os.environ["TORCHDYNAMO_DISABLE"] = "1"
 from colossalai.accelerator import get_accelerator
 from colossalai.booster import Booster
 from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
@@ -43,6 +48,10 @@ from colossalai.kernel.extensions.base_extension import _Extension
 from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
 from colossalai.nn.optimizer import FusedAdam, HybridAdam
 from colossalai.utils import set_seed
+if DYNAMO_SETTING is None:
+    del os.environ["TORCHDYNAMO_DISABLE"]
+else:
+    os.environ["TORCHDYNAMO_DISABLE"] = DYNAMO_SETTING
 
 import checkpoint
 import report
