@@ -104,14 +104,15 @@ print("| --- | --- |")
 for launcher, wall in launchers.items():
     print(f"| {launcher} | {wall:.2f} |")
 print()
-print(f"Median of {len(summary['recipe']['all_wall_seconds'])} runs each; the other figures are the median run's.")
+print(f"Median of {len(recipe_walls)} runs each; the other figures are the median run's.")
 print()
-print("| run | processes | wall s | wall s, all runs | vs recipe | setup s: imports, distributed, dataset, model, booster, images, resume | "
-      "train s | data wait s | evaluation s | checkpoints s | rest s (launch, plots, exit) | validation accuracy | "
-      "test accuracy |")
+print("| run | processes | wall s | wall s, all runs | vs recipe | "
+      "setup s: imports, distributed, dataset, model, booster, images, resume | train s | data wait s | "
+      "evaluation s | checkpoints s | rest s (launch, plots, exit) | validation accuracy | test accuracy |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-print(f"| Hugging Face recipe | 1 | {recipe_wall:.1f} | {spread(recipe_walls)} | 1.00x | {recipe['setup_seconds']:.1f} | "
-      f"{recipe['train_seconds']:.1f} | | | | | {recipe['validation_accuracy']:.4f} | {recipe['test_accuracy']:.4f} |")
+print(f"| Hugging Face recipe | 1 | {recipe_wall:.1f} | {spread(recipe_walls)} | 1.00x | "
+      f"{recipe['setup_seconds']:.1f} | {recipe['train_seconds']:.1f} | | | | | "
+      f"{recipe['validation_accuracy']:.4f} | {recipe['test_accuracy']:.4f} |")
 for plugin, repeats in walls.items():
     repeat, wall = median_run(repeats)
     results = json.load(open(f"{run_root}/{plugin}_{repeat}/results.json"))

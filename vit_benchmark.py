@@ -23,7 +23,6 @@ import json
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 import colossalai
 from colossalai.accelerator import get_accelerator
+from colossalai.testing import free_port
 from transformers import ViTConfig, ViTForImageClassification
 
 from args import OFFLOADS, PLUGINS, parse_demo_args
@@ -358,12 +358,6 @@ def find_largest(args):
             if rows[-1]["images_per_second"]:
                 break
     return rows
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_alone(name, size, args, row, log_path):

@@ -91,12 +91,12 @@ def test_a_launcher_setting_that_cannot_work_is_refused_in_one_line(variables, m
 def test_starting_leaves_pytorch_s_compiler_unloaded_and_enabled():
     """Colossal-AI's import of bitsandbytes does not pull in PyTorch's inductor (seconds of every start), and
     torch.compile still compiles what the user asks it to afterwards."""
-    check = ("import sys, torch, vit_train_demo; "
+    check = ("import os, sys, torch, vit_train_demo; "
              "assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor imported'; "
              "assert 'bitsandbytes' in sys.modules, 'bitsandbytes not imported: nothing was tested'; "
              "compiled = torch.compile(lambda x: x + 1); "
              "assert hasattr(compiled, '_torchdynamo_orig_callable'), 'torch.compile disabled'; "
-             "print(__import__('os').environ.get('TORCHDYNAMO_DISABLE'))")
+             "print(os.environ.get('TORCHDYNAMO_DISABLE'))")
     for setting in (None, "0"):  # the user's own setting, or none, is what is left
         env = {key: value for key, value in os.environ.items() if key != "TORCHDYNAMO_DISABLE"}
         env.update({"TORCHDYNAMO_DISABLE": setting} if setting else {})
