@@ -4,13 +4,12 @@ Where it is read from (load_splits): a hub id, or a local copy in any form users
 out as split/label/image, a snapshot of a hub dataset repository (parquet or arrow shards), or a DatasetDict
 written by `save_to_disk`.
 
-How its images reach the device (SplitImages): the model's image processor resizes each decoded picture to the
-model's resolution (on the GPU, when training there), kept as uint8 (150 KB an image at 224 px, a quarter of
-float32). When all splits fit the cache
-budget, that happens once, up front, and the result stays on the training device, so no epoch decodes a JPEG or
-copies to the device again. Otherwise the images stream: DataLoader worker processes decode every batch
-as it is needed, into pinned memory, and host and device memory stay flat however large the dataset is. Both
-paths hand the same uint8 pixels to `Normalise`, which turns a whole batch into model input on the device.
+How its images reach the device (SplitImages): DataLoader worker processes decode each image and resize it to
+the model's resolution with the model's image processor, kept as uint8 (150 KB an image at 224 px, a quarter of
+float32). When all splits fit the cache budget, that happens once, up front, and the result stays on the training
+device, so no epoch decodes a JPEG or copies to the device again. Otherwise the images stream: the workers make
+every batch as it is needed, into pinned memory, and host and device memory stay flat however large the dataset
+is. Both paths hand the same uint8 pixels to `Normalise`, which turns a whole batch into model input on the device.
 """
 import io
 import math
@@ -196,25 +195,26 @@ class Decoder:
     """Turns undecoded image cells into uint8 pixel values [N, 3, H, W] at the model's resolution, through the
     model's image processor with its rescaling and normalisation left for the device (Normalise).
 
-    It works in two halves. `__call__` runs in loader workers: it decodes (a JPEG at reduced scale, through its
-    draft mode) and packs a batch into one buffer. `to_device` runs in the training process: one copy to the
-    device, where a fast (torchvision) image processor resizes the batch when the device is a GPU, so the workers
-    only decode (under half the CPU time an image); otherwise the workers resize."""
+    It runs in loader workers: it decodes each image (a JPEG at reduced scale, through its draft mode) and resizes
+    the batch with the image processor, so that the training process only copies the result to the device.
+    Resizing there instead, even on the GPU, took the training process more time per batch than the whole step
+    leaves it (BENCHMARKS.md, streaming)."""
 
-    def __init__(self, image_processor, device):
+    def __init__(self, image_processor):
         self.image_processor = image_processor
-        self.resize_on_device = device.type == "cuda" and isinstance(image_processor, BaseImageProcessorFast)
+        self.from_tensors = isinstance(image_processor, BaseImageProcessorFast)  # a third faster than from PIL
         size = image_processor.size
         self.draft_size = max(size.get("shortest_edge", 0), size.get("height", 0), size.get("width", 0))
         self.shape = tuple(self.resize([Image.new("RGB", (8, 8))]).shape[1:])
 
     def resize(self, pictures):
+        if self.from_tensors:  # channel x height x width
+            pictures = [torch.from_numpy(np.array(picture)).permute(2, 0, 1) for picture in pictures]
         return self.image_processor(pictures, do_rescale=False, do_normalize=False,
                                     return_tensors="pt")["pixel_values"]
 
     def __call__(self, images):
-        """The readable images' pixels (one flat uint8 buffer) and shapes, which of `images` were readable, and
-        why the others were not."""
+        """The readable images' pixel values, which of `images` were readable, and why the others were not."""
         pictures, readable, unreadable = [], [], []
         for image in images:
             try:
@@ -223,25 +223,8 @@ class Decoder:
             except UnreadableImage as error:
                 readable.append(False)
                 unreadable.append(error.reason)
-        if self.resize_on_device:  # height x width x channel, as decoded
-            arrays = [torch.from_numpy(np.array(picture)) for picture in pictures]
-        else:
-            arrays = list(self.resize(pictures)) if pictures else []
-        pixels = torch.cat([array.flatten() for array in arrays]) if arrays else torch.empty(0, dtype=torch.uint8)
-        return {"pixels": pixels,
-                "shapes": torch.tensor([array.shape for array in arrays], dtype=torch.long).view(-1, 3),
-                "readable": torch.tensor(readable), "unreadable": unreadable}
-
-    def to_device(self, batch, device):
-        """A batch made by `__call__` as pixel values [N, 3, H, W] on `device`."""
-        pixels = batch["pixels"].to(device, non_blocking=True)
-        if not self.resize_on_device:
-            return pixels.view(-1, *self.shape)
-        shapes = batch["shapes"].tolist()
-        if not shapes:
-            return torch.empty(0, *self.shape, dtype=torch.uint8, device=device)
-        parts = pixels.split([math.prod(shape) for shape in shapes])
-        return self.resize([part.view(shape).permute(2, 0, 1) for part, shape in zip(parts, shapes)])
+        pixel_values = self.resize(pictures) if pictures else torch.empty(0, *self.shape, dtype=torch.uint8)
+        return {"pixel_values": pixel_values, "readable": torch.tensor(readable), "unreadable": unreadable}
 
 
 class StreamedSplit(torch.utils.data.Dataset):
@@ -301,7 +284,7 @@ class SplitImages:
 
     def __init__(self, split, decoder, device, cached, num_workers, skip_unreadable, chunk_size=64):
         self.device, self.cached, self.skip_unreadable, self.unreadable = device, cached, skip_unreadable, set()
-        self.num_workers, self.decoder = num_workers, decoder
+        self.num_workers = num_workers
         self.normalise = Normalise(decoder.image_processor, device)
         self.labels = torch.tensor(labels_of(split), device=device)
         if cached:
@@ -316,7 +299,7 @@ class SplitImages:
                 readable = chunk["readable"]
                 self.readable[start:start + len(readable)] = readable
                 self.pixel_values[torch.arange(start, start + len(readable))[readable]] = \
-                    decoder.to_device(chunk, device)
+                    chunk["pixel_values"].to(device)
         else:
             self.plan = BatchPlan()
             self.loader = decoding_loader(split, decoder, num_workers, batch_sampler=self.plan,
@@ -348,13 +331,14 @@ class SplitImages:
         for indices, batch in zip(index_batches, self.loader):
             self.check(batch["unreadable"])
             kept = self.kept_on_device(indices, batch["readable"])
-            yield self.normalise(self.decoder.to_device(batch, self.device)), self.labels[kept], batch["readable"]
+            pixel_values = batch["pixel_values"].to(self.device, non_blocking=True)
+            yield self.normalise(pixel_values), self.labels[kept], batch["readable"]
 
 
 def device_images(splits, image_processor, device, args, announce):
     """Every split as SplitImages: cached on the device if all of them fit the cache budget (or as args.data_mode
     says), else streamed; `announce` is given one line saying which and why before the work starts."""
-    decoder = Decoder(image_processor, device)
+    decoder = Decoder(image_processor)
     count = sum(len(split) for split in splits.values())
     cache_bytes = count * math.prod(decoder.shape)
     budget = cache_budget(device, args.cache_budget_gib, args.max_gpu_memory_gib)

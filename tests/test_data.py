@@ -22,7 +22,7 @@ def image_processor():
 
 def to_tensors(split, image_processor, cached=True, skip_unreadable=False):
     """Every image of `split` as model input, and its labels, through SplitImages in one batch."""
-    images = SplitImages(split, Decoder(image_processor, CPU), CPU, cached, num_workers=1,
+    images = SplitImages(split, Decoder(image_processor), CPU, cached, num_workers=1,
                          skip_unreadable=skip_unreadable)
     pixel_values, labels, _ = next(images.batches([list(range(len(split)))]))
     return pixel_values, labels
@@ -50,7 +50,7 @@ def test_whole_split_becomes_normalised_tensors(image_processor, cached):
 
 def test_cached_and_streamed_batches_are_the_same(image_processor):
     split = load_splits(str(BEANS_DIR))["train"].select(range(40))
-    decoder = Decoder(image_processor, CPU)
+    decoder = Decoder(image_processor)
     index_batches = [[3, 1, 4], [1, 5, 9, 2, 6], [39]]
     cached, streamed = (list(SplitImages(split, decoder, CPU, cached, num_workers=2, skip_unreadable=False)
                              .batches(index_batches)) for cached in (True, False))
@@ -149,7 +149,7 @@ def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, image_proces
     with pytest.raises(RunError, match=f"cannot read image {broken}: .*; replace or remove it, or pass "
                                        "--skip_unreadable"):
         to_tensors(train, image_processor, cached)
-    images = SplitImages(train, Decoder(image_processor, CPU), CPU, cached, num_workers=1, skip_unreadable=True)
+    images = SplitImages(train, Decoder(image_processor), CPU, cached, num_workers=1, skip_unreadable=True)
     pixel_values, labels, readable = next(images.batches([list(range(6))]))
     assert readable.tolist() == [True, True, False, True, True, True] and len(pixel_values) == len(labels) == 5
     assert torch.bincount(labels).tolist() == [2, 1, 2]

@@ -27,7 +27,7 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     names = label_names(splits, str(BEANS_DIR))
     image_processor, model = load_model(str(MODEL_DIR), names)
     device = torch.device("cpu")
-    validation = SplitImages(splits["validation"], Decoder(image_processor, device), device, cached=True, num_workers=0,
+    validation = SplitImages(splits["validation"], Decoder(image_processor), device, cached=True, num_workers=0,
                              skip_unreadable=False)
     plugin = TorchDDPPlugin()
     booster = Booster(plugin=plugin)
