@@ -91,7 +91,7 @@ def build_parser():
                         help="most memory the cache may take (default: a quarter of the free GPU memory, or of "
                         "the available host memory on the CPU)")
     parser.add_argument("--num_workers", type=non_negative_int, default=None,
-                        help="loader worker processes that decode streamed images (default: the CPU cores of "
+                        help="loader worker processes that decode and resize images (default: the CPU cores of "
                         "this process's share of the node, but one)")
     parser.add_argument("--skip_unreadable", action=argparse.BooleanOptionalAction, default=False,
                         help="leave out unreadable images, counted and named in results.json, instead of stopping")
