@@ -197,12 +197,12 @@ class Decoder:
 
     It runs in loader workers: it decodes each image (a JPEG at reduced scale, through its draft mode) and resizes
     the batch with the image processor, so that the training process only copies the result to the device.
-    Resizing there instead, even on the GPU, took the training process more time per batch than the whole step
-    leaves it (BENCHMARKS.md, streaming)."""
+    Resizing in the training process instead, even on the GPU, spends its CPU, which the training step needs, on
+    the image processor's per-image Python (BENCHMARKS.md, streaming)."""
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
-        self.from_tensors = isinstance(image_processor, BaseImageProcessorFast)  # a third faster than from PIL
+        self.from_tensors = isinstance(image_processor, BaseImageProcessorFast)  # a quarter faster than from PIL
         size = image_processor.size
         self.draft_size = max(size.get("shortest_edge", 0), size.get("height", 0), size.get("width", 0))
         self.shape = tuple(self.resize([Image.new("RGB", (8, 8))]).shape[1:])
