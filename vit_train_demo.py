@@ -207,7 +207,10 @@ def train_epoch(run, criterion):
     batches = epoch_batches(len(run.images["train"]), args.batch_size, topology.dp_rank, topology.dp_size, args.seed,
                             progress["epoch"])
     boosted.model.train()
-    clock = {"start": time.perf_counter(), "seconds_before": progress["train_seconds"], "saving": 0.0}
+    # the training time leaves out the checkpoints written meanwhile
+    clock = {"start": time.perf_counter(), "seconds_before": progress["train_seconds"],
+             "checkpoint_seconds_before": run.checkpoint_seconds}
+    unread = collections.deque()  # (loss, step, learning rate) of the steps queued and not read yet
 
     def read(loss, step, learning_rate):
         """Waits for step `step`'s loss, checks it and reports it."""
@@ -217,7 +220,7 @@ def train_epoch(run, criterion):
                            "--learning_rate or check the data")
         progress["epoch_loss_sum"] += loss_value
         progress["train_seconds"] = (clock["seconds_before"] + time.perf_counter() - clock["start"]
-                                     - clock["saving"])
+                                     - (run.checkpoint_seconds - clock["checkpoint_seconds_before"]))
         images_per_second = progress["images_trained"] / progress["train_seconds"]
         bar.update()
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", img_per_s=f"{images_per_second:.1f}")
@@ -226,10 +229,14 @@ def train_epoch(run, criterion):
                                ("train/images_per_second", images_per_second)):
                 writer.add_scalar(tag, value, step)
 
+    def read_until(left):
+        """Reads the queued steps' losses, oldest first, until `left` are still queued."""
+        while len(unread) > left:
+            read(*unread.popleft())
+
     with tqdm(total=len(batches), initial=progress["step_in_epoch"], desc=f"epoch {progress['epoch'] + 1}",
               disable=not topology.reports, dynamic_ncols=True) as bar:
         remaining = run.images["train"].batches(batches[progress["step_in_epoch"]:])
-        unread = collections.deque()  # (loss, step, learning rate) of the steps queued and not read yet
         while True:
             fetch_start = time.perf_counter()
             pixel_values, labels, _ = next(remaining, (None, None, None))
@@ -246,18 +253,13 @@ def train_epoch(run, criterion):
             progress["global_step"] += 1
             progress["images_trained"] += len(labels) * topology.dp_size
             unread.append((loss, progress["global_step"], boosted.lr_scheduler.get_last_lr()[0]))
-            if len(unread) > LOSS_READ_LAG:
-                read(*unread.popleft())
+            read_until(LOSS_READ_LAG)
             # the last step of an epoch is saved after the evaluation, with the epoch's results
             if (args.save_every and progress["global_step"] % args.save_every == 0
                     and progress["step_in_epoch"] < len(batches)):
-                while unread:
-                    read(*unread.popleft())
-                saving_start = time.perf_counter()
+                read_until(0)
                 run.save_checkpoint()
-                clock["saving"] += time.perf_counter() - saving_start
-        while unread:
-            read(*unread.popleft())
+        read_until(0)
 
 
 @torch.no_grad()
