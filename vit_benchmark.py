@@ -16,6 +16,7 @@ under --max_gpu_memory_gib; a size that cannot fit the host's or the GPU's memor
 `torchrun --standalone --nproc_per_node N vit_benchmark.py ...` to time the plugins data-parallel over N GPUs.
 """
 import argparse
+import collections
 import datetime
 import gc
 import importlib.util
@@ -54,14 +55,16 @@ SIZES = {"tiny": (64, 2, 128, 2, 8), "B/16": (768, 12, 3072, 12, 16), "L/16": (1
          "8B/14": (4096, 40, 16384, 32, 14)}
 
 
+Configuration = collections.namedtuple("Configuration", "setup plugin offload fraction precision parts")
+
+
 def parse_configuration(name):
     """The parts of a configuration's name, `setup[@precision]`, the setup being a reference, a DeepSpeed peer or
-    `plugin[:offload[:fraction]]`: setup, plugin, offload, fraction, precision ("" for the default) and how many
-    `:`-separated parts the setup has."""
+    `plugin[:offload[:fraction]]` (precision "" for the default; parts: how many `:`-separated parts the setup has)."""
     setup, _, precision = name.partition("@")
     parts = setup.split(":")
     plugin, offload, fraction = (parts + ["none", "1"][len(parts) - 1:])[:3]
-    return setup, plugin, offload, fraction, precision, len(parts)
+    return Configuration(setup, plugin, offload, fraction, precision, len(parts))
 
 
 def parse_args():
@@ -89,9 +92,10 @@ def parse_args():
     args.model_sizes = args.model_sizes.split(",")
     args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     for name in args.configurations:
-        setup, plugin, offload, _, precision, parts = parse_configuration(name)
-        if (setup not in REFERENCES + PEERS and (plugin not in PLUGINS or offload not in OFFLOADS or parts > 3)
-                or precision not in ("", "bf16", "fp16")):
+        configuration = parse_configuration(name)
+        if (configuration.setup not in REFERENCES + PEERS
+                and (configuration.plugin not in PLUGINS or configuration.offload not in OFFLOADS
+                     or configuration.parts > 3) or configuration.precision not in ("", "bf16", "fp16")):
             parser.error(f"unknown configuration {name}; choose from {', '.join(REFERENCES + PLUGINS + PEERS)}; a "
                          f"plugin may add what it offloads, plugin:offload[:fraction] with offload one of "
                          f"{', '.join(OFFLOADS)}, and a plugin or DeepSpeed its precision, @bf16 or @fp16")
@@ -185,7 +189,8 @@ def deepspeed_step_function(name, size, args, device):
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     model, image_size = new_model(size, args, "cpu")
-    setup, *_, precision, _ = parse_configuration(name)
+    configuration = parse_configuration(name)
+    setup, precision = configuration.setup, configuration.precision
     stage = 2 if setup == "deepspeed_zero2_offload" else 3
     offload = {"device": "cpu", "pin_memory": True}
     config = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
@@ -269,7 +274,7 @@ def profile_steps(step, pixel_values, labels, device, path, steps=3):
 
 
 def is_colossalai(name):
-    return name not in REFERENCES and parse_configuration(name)[0] not in PEERS
+    return name not in REFERENCES and parse_configuration(name).setup not in PEERS
 
 
 def time_configurations(args):
@@ -316,10 +321,10 @@ def time_configurations(args):
 
 def offloaded_part(name):
     """What a configuration keeps on the host: none, optimizer (fp32 weights and Adam states) or all."""
-    setup, _, offload, *_ = parse_configuration(name)
-    if setup in PEERS:
-        return "optimizer" if setup == "deepspeed_zero2_offload" else "all"
-    return offload if is_colossalai(name) else "none"
+    configuration = parse_configuration(name)
+    if configuration.setup in PEERS:
+        return "optimizer" if configuration.setup == "deepspeed_zero2_offload" else "all"
+    return configuration.offload if is_colossalai(name) else "none"
 
 
 def memory_needed(name, parameters, gpu_cap_gib):
@@ -348,7 +353,7 @@ def find_largest(args):
     os.makedirs(log_dir, exist_ok=True)
     rows = []
     for name in args.configurations:
-        if parse_configuration(name)[0] in PEERS and importlib.util.find_spec("deepspeed") is None:
+        if parse_configuration(name).setup in PEERS and importlib.util.find_spec("deepspeed") is None:
             print(f"{name}: skipped, DeepSpeed is not installed (a benchmark peer only: pip install deepspeed)")
             continue
         for size in sorted(args.model_sizes, key=parameter_count, reverse=True):
