@@ -316,14 +316,22 @@ class SplitImages:
         return kept.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else kept
 
     def batches(self, index_batches):
+        """A pass over `index_batches`. Streamed images start decoding at this call, not at the first batch asked
+        for, so a pass set going early (the next epoch's, while this one is evaluated) finds its first batches
+        ready; starting a pass ends the split's pass before it."""
         if self.cached:
-            for indices in index_batches:
-                readable = self.readable[indices]
-                kept = self.kept_on_device(indices, readable)
-                yield self.normalise(self.pixel_values[kept]), self.labels[kept], readable
-            return
+            return self.cached_batches(index_batches)
         self.plan.indices = index_batches
-        for indices, batch in zip(index_batches, self.loader):
+        return self.streamed_batches(index_batches, iter(self.loader))
+
+    def cached_batches(self, index_batches):
+        for indices in index_batches:
+            readable = self.readable[indices]
+            kept = self.kept_on_device(indices, readable)
+            yield self.normalise(self.pixel_values[kept]), self.labels[kept], readable
+
+    def streamed_batches(self, index_batches, decoded):
+        for indices, batch in zip(index_batches, decoded):
             self.check(batch["unreadable"])
             kept = self.kept_on_device(indices, batch["readable"])
             pixel_values = batch["pixel_values"].to(self.device, non_blocking=True)

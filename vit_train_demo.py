@@ -196,16 +196,23 @@ class Boosted:
     topology: Topology
 
 
-def train_epoch(run, criterion):
-    """Trains from step `run.progress["step_in_epoch"]` to the end of the epoch, updating `run.progress` as it goes.
+def train_batches(run, epoch, first_step=0):
+    """The device batches of `epoch`'s training steps from `first_step` on, as a pass that starts decoding now."""
+    args, topology = run.args, run.boosted.topology
+    batches = epoch_batches(len(run.images["train"]), args.batch_size, topology.dp_rank, topology.dp_size, args.seed,
+                            epoch)
+    return run.images["train"].batches(batches[first_step:])
+
+
+def train_epoch(run, criterion, remaining):
+    """Trains on the batches of `remaining`, from step `run.progress["step_in_epoch"]` to the end of the epoch,
+    updating `run.progress` as it goes.
 
     A step's loss is read (which waits for the GPU to finish the step) only once LOSS_READ_LAG more steps are
     queued, so the GPU does not idle while the CPU prepares the next step, even when a step takes the CPU about as
     long to queue as the GPU to run."""
     boosted, args, progress, writer = run.boosted, run.args, run.progress, run.writer
     topology = boosted.topology
-    batches = epoch_batches(len(run.images["train"]), args.batch_size, topology.dp_rank, topology.dp_size, args.seed,
-                            progress["epoch"])
     boosted.model.train()
     # the training time leaves out the checkpoints written meanwhile
     clock = {"start": time.perf_counter(), "seconds_before": progress["train_seconds"],
@@ -234,9 +241,8 @@ def train_epoch(run, criterion):
         while len(unread) > left:
             read(*unread.popleft())
 
-    with tqdm(total=len(batches), initial=progress["step_in_epoch"], desc=f"epoch {progress['epoch'] + 1}",
+    with tqdm(total=run.steps_per_epoch, initial=progress["step_in_epoch"], desc=f"epoch {progress['epoch'] + 1}",
               disable=not topology.reports, dynamic_ncols=True) as bar:
-        remaining = run.images["train"].batches(batches[progress["step_in_epoch"]:])
         while True:
             fetch_start = time.perf_counter()
             pixel_values, labels, _ = next(remaining, (None, None, None))
@@ -256,7 +262,7 @@ def train_epoch(run, criterion):
             read_until(LOSS_READ_LAG)
             # the last step of an epoch is saved after the evaluation, with the epoch's results
             if (args.save_every and progress["global_step"] % args.save_every == 0
-                    and progress["step_in_epoch"] < len(batches)):
+                    and progress["step_in_epoch"] < run.steps_per_epoch):
                 read_until(0)
                 run.save_checkpoint()
         read_until(0)
@@ -484,10 +490,13 @@ def train(run):
     def criterion(outputs, inputs):
         return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
 
+    remaining = train_batches(run, progress["epoch"], progress["step_in_epoch"])
     for epoch in range(progress["epoch"], args.num_epoch):
         if progress["step_in_epoch"] == 0:  # a run resumed mid-epoch keeps the start it was checkpointed with
             progress["epoch_start"] = {key: progress[key] for key in ("images_trained", "train_seconds")}
-        train_epoch(run, criterion)
+        train_epoch(run, criterion, remaining)
+        if epoch + 1 < args.num_epoch:  # streamed images of the next epoch decode while this one is evaluated
+            remaining = train_batches(run, epoch + 1)
         loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
                                                run.steps_per_epoch * topology.holds_output], run.device)
         start = progress["epoch_start"]

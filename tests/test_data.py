@@ -1,5 +1,7 @@
 import argparse
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -57,6 +59,30 @@ def test_cached_and_streamed_batches_are_the_same(image_processor):
     for (cached_pixels, cached_labels, _), (streamed_pixels, streamed_labels, _) in zip(cached, streamed):
         assert torch.equal(cached_pixels, streamed_pixels) and torch.equal(cached_labels, streamed_labels)
     assert [len(labels) for _, labels, _ in streamed] == [3, 5, 1]
+
+
+class MarkingDecoder(Decoder):
+    """A Decoder that leaves a file in `marks` for each batch it decodes (in whichever worker process)."""
+
+    def __init__(self, image_processor, marks):
+        super().__init__(image_processor)
+        self.marks = marks
+
+    def __call__(self, images):
+        (self.marks / f"{os.getpid()}-{time.monotonic_ns()}").touch()
+        return super().__call__(images)
+
+
+def test_a_streamed_pass_decodes_before_its_first_batch_is_asked_for(tmp_path, image_processor):
+    split = load_splits(str(BEANS_DIR))["validation"].select(range(8))
+    images = SplitImages(split, MarkingDecoder(image_processor, tmp_path), CPU, cached=False, num_workers=2,
+                         skip_unreadable=False)
+    upcoming = images.batches([[0, 1], [2, 3]])
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(list(tmp_path.iterdir())) == 2  # both batches decoded, none asked for yet
+    assert [labels.tolist() for _, labels, _ in upcoming] == [split["labels"][0:2], split["labels"][2:4]]
 
 
 def test_hub_style_columns_are_renamed():
