@@ -187,3 +187,14 @@ def parse_demo_args(argv=None):
         parser.error(f"--precision {args.precision} needs a CUDA GPU and none is available; "
                      "on the CPU use --precision fp32")
     return args
+
+
+def layout_error(args, config):
+    """Why the model of `config` cannot be split as --tp_size and --pp_size say, or None if it can."""
+    if config.num_attention_heads % args.tp_size:
+        return (f"--tp_size {args.tp_size} does not divide the {config.num_attention_heads} attention heads of "
+                f"{args.model_name_or_path}; pick a --tp_size that divides {config.num_attention_heads}")
+    if args.pp_size > config.num_hidden_layers:
+        return (f"--pp_size {args.pp_size} is more pipeline stages than the {config.num_hidden_layers} layers of "
+                f"{args.model_name_or_path}; pick at most {config.num_hidden_layers}")
+    return None

@@ -56,7 +56,7 @@ else:
 
 import checkpoint
 import report
-from args import parse_demo_args
+from args import layout_error, parse_demo_args
 from data import (RunError, device_images, epoch_batches, evaluation_batches, label_names, limit_samples,
                   load_splits, random_resized_crop_and_flip)
 
@@ -451,6 +451,8 @@ def set_up(args):
     splits = limit_samples(splits, args.max_train_samples, args.max_eval_samples, args.seed)
     setup_ends["dataset"] = time.perf_counter()
     image_processor, model = load_model(args.model_name_or_path, names)
+    if error := layout_error(args, model.config):
+        raise RunError(error)
     parameters = parameter_count(model)
     setup_ends["model"] = time.perf_counter()
     if is_master:

@@ -1,7 +1,11 @@
+import argparse
+
 import pytest
 import torch
+from transformers import ViTConfig
 
-from args import parse_demo_args
+from args import layout_error, parse_demo_args
+from conftest import MODEL_DIR
 
 
 def parse_error(capsys, argv):
@@ -52,6 +56,17 @@ def test_tp_times_pp_must_divide_the_process_count(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "6")
     message = parse_error(capsys, ["--plugin", "hybrid_parallel", "--tp_size", "2", "--pp_size", "2"])
     assert "does not divide the 6 launched processes" in message
+
+
+def test_a_layout_the_model_cannot_be_split_into_is_named():
+    config = ViTConfig.from_pretrained(MODEL_DIR)  # DeiT-tiny: 3 attention heads, 12 layers
+
+    def error(tp_size, pp_size):
+        return layout_error(argparse.Namespace(tp_size=tp_size, pp_size=pp_size, model_name_or_path="deit"), config)
+
+    assert error(1, 1) is None and error(3, 12) is None
+    assert error(2, 1) == "--tp_size 2 does not divide the 3 attention heads of deit; pick a --tp_size that divides 3"
+    assert error(1, 13) == "--pp_size 13 is more pipeline stages than the 12 layers of deit; pick at most 12"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
