@@ -5,6 +5,7 @@ Launch with `colossalai run --nproc_per_node N vit_train_demo.py ...` or `torchr
 import argparse
 import collections
 import contextlib
+import functools
 import io
 import json
 import math
@@ -393,9 +394,10 @@ def check_output_path(args):
 def boost(model, splits, image_processor, device, args, setup_ends):
     """Sets the booster up while the images decode (in loader worker processes, started from a background thread).
     Returns what the booster made of the model, the device images of each split and the steps of an epoch."""
+    # the announcement goes to the stdout of now: build_optimizer swaps sys.stdout meanwhile to hide kernel chatter
+    announce = functools.partial(print, file=sys.stdout) if dist.get_rank() == 0 else lambda line: None
     with ThreadPoolExecutor(max_workers=1) as background:
-        decoding = background.submit(device_images, splits, image_processor, device, args,
-                                     announce=print if dist.get_rank() == 0 else lambda line: None)
+        decoding = background.submit(device_images, splits, image_processor, device, args, announce=announce)
         plugin, booster = build_booster(model, args, device)
         topology = Topology(plugin)
         steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size
