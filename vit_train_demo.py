@@ -494,13 +494,12 @@ def train(run):
     def criterion(outputs, inputs):
         return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
 
-    remaining = train_batches(run, progress["epoch"], progress["step_in_epoch"])
+    upcoming = None  # the next epoch's pass: its streamed images decode while this epoch is evaluated
     for epoch in range(progress["epoch"], args.num_epoch):
         if progress["step_in_epoch"] == 0:  # a run resumed mid-epoch keeps the start it was checkpointed with
             progress["epoch_start"] = {key: progress[key] for key in ("images_trained", "train_seconds")}
-        train_epoch(run, criterion, remaining)
-        if epoch + 1 < args.num_epoch:  # streamed images of the next epoch decode while this one is evaluated
-            remaining = train_batches(run, epoch + 1)
+        train_epoch(run, criterion, upcoming or train_batches(run, epoch, progress["step_in_epoch"]))
+        upcoming = train_batches(run, epoch + 1) if epoch + 1 < args.num_epoch else None
         loss_sum, loss_count = sum_over_ranks([progress["epoch_loss_sum"],
                                                run.steps_per_epoch * topology.holds_output], run.device)
         start = progress["epoch_start"]
