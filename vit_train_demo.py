@@ -424,7 +424,7 @@ class Run:
     names: list
     image_processor: object
     boosted: Boosted
-    images: dict  # the DeviceImages of each split
+    images: dict  # the SplitImages of each split (data.py)
     steps_per_epoch: int
     progress: dict  # where training stands and what it has measured: what a checkpoint holds
     writer: SummaryWriter  # TensorBoard, on the reporting rank only (None elsewhere)
