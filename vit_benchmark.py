@@ -162,11 +162,12 @@ def reference_step_function(name, size, args, device):
 
 def plugin_step_function(name, size, args, device):
     """One training step of the example with its settings for the plugin (and offload) `name`."""
-    _, plugin, offload, fraction, precision, _ = parse_configuration(name)
-    settings = parse_demo_args(["--plugin", plugin, "--offload", offload, "--offload_fraction", fraction]
-                               + ["--precision", precision] * bool(precision))
+    configuration = parse_configuration(name)
+    settings = parse_demo_args(["--plugin", configuration.plugin, "--offload", configuration.offload,
+                                "--offload_fraction", configuration.fraction]
+                               + ["--precision", configuration.precision] * bool(configuration.precision))
     # offloading plugins place the weights themselves: built on the host, the model never has to fit on the GPU
-    model, image_size = new_model(size, args, "cpu" if offload != "none" else device)
+    model, image_size = new_model(size, args, "cpu" if settings.offload != "none" else device)
     plugin, booster = build_booster(model, settings, device)
     topology = Topology(plugin)
     model, optimizer, *_ = booster.boost(model, build_optimizer(model, settings))
