@@ -297,6 +297,7 @@ class SplitImages:
                     chunk["pixel_values"].to(device)
         else:
             self.plan = BatchPlan()
+            self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             self.loader = decoding_loader(split, decoder, num_workers, batch_sampler=self.plan,
                                           pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
 
@@ -334,8 +335,20 @@ class SplitImages:
         for indices, batch in zip(index_batches, decoded):
             self.check(batch["unreadable"])
             kept = self.kept_on_device(indices, batch["readable"])
-            pixel_values = batch["pixel_values"].to(self.device, non_blocking=True)
-            yield self.normalise(pixel_values), self.labels[kept], batch["readable"]
+            yield self.normalise(self.copied_to_device(batch["pixel_values"])), self.labels[kept], batch["readable"]
+
+    def copied_to_device(self, pixel_values):
+        """A streamed batch's pixels on the device. On a GPU the copy runs on a stream of its own, beside the steps
+        already queued rather than after them (a ViT-B/16 step at batch 128 on an H200: 0.32 ms slower with the
+        copy on the compute stream, 0.03 ms this way; BENCHMARKS.md)."""
+        if self.copy_stream is None:
+            return pixel_values.to(self.device, non_blocking=True)
+        compute_stream = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.copy_stream):
+            on_device = pixel_values.to(self.device, non_blocking=True)
+        compute_stream.wait_stream(self.copy_stream)
+        on_device.record_stream(compute_stream)  # freed only once the steps using it have run
+        return on_device
 
 
 def device_images(splits, image_processor, device, args, announce):
