@@ -191,9 +191,11 @@ def parse_demo_args(argv=None):
 
 def layout_error(args, config):
     """Why the model of `config` cannot be split as --tp_size and --pp_size say, or None if it can."""
-    if config.num_attention_heads % args.tp_size:
-        return (f"--tp_size {args.tp_size} does not divide the {config.num_attention_heads} attention heads of "
-                f"{args.model_name_or_path}; pick a --tp_size that divides {config.num_attention_heads}")
+    heads, labels = config.num_attention_heads, config.num_labels
+    if heads % args.tp_size or labels % args.tp_size:  # Colossal-AI splits the heads and the classifier's outputs
+        sizes = [str(size) for size in range(1, min(heads, labels) + 1) if heads % size == 0 and labels % size == 0]
+        return (f"--tp_size {args.tp_size} does not divide both the {heads} attention heads and the {labels} labels "
+                f"of {args.model_name_or_path} (tensor parallelism splits each); pick one of: {', '.join(sizes)}")
     if args.pp_size > config.num_hidden_layers:
         return (f"--pp_size {args.pp_size} is more pipeline stages than the {config.num_hidden_layers} layers of "
                 f"{args.model_name_or_path}; pick at most {config.num_hidden_layers}")

@@ -59,14 +59,19 @@ def test_tp_times_pp_must_divide_the_process_count(capsys, monkeypatch):
 
 
 def test_a_layout_the_model_cannot_be_split_into_is_named():
-    config = ViTConfig.from_pretrained(MODEL_DIR)  # DeiT-tiny: 3 attention heads, 12 layers
+    deit_tiny = ViTConfig.from_pretrained(MODEL_DIR, num_labels=3)  # 3 attention heads, 12 layers; beans' labels
+    vit_base = ViTConfig(num_labels=3)  # 12 heads
 
-    def error(tp_size, pp_size):
-        return layout_error(argparse.Namespace(tp_size=tp_size, pp_size=pp_size, model_name_or_path="deit"), config)
+    def error(tp_size, pp_size, config=deit_tiny):
+        return layout_error(argparse.Namespace(tp_size=tp_size, pp_size=pp_size, model_name_or_path="vit"), config)
 
-    assert error(1, 1) is None and error(3, 12) is None
-    assert error(2, 1) == "--tp_size 2 does not divide the 3 attention heads of deit; pick a --tp_size that divides 3"
-    assert error(1, 13) == "--pp_size 13 is more pipeline stages than the 12 layers of deit; pick at most 12"
+    assert error(1, 1) is None and error(3, 12) is None and error(3, 1, vit_base) is None
+    assert error(2, 1) == ("--tp_size 2 does not divide both the 3 attention heads and the 3 labels of vit (tensor "
+                           "parallelism splits each); pick one of: 1, 3")
+    assert error(2, 1, vit_base).endswith("the 12 attention heads and the 3 labels of vit (tensor parallelism splits "
+                                          "each); pick one of: 1, 3")
+    assert error(4, 1, ViTConfig(num_labels=4)) is None
+    assert error(1, 13) == "--pp_size 13 is more pipeline stages than the 12 layers of vit; pick at most 12"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
