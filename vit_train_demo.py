@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import transformers
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoImageProcessor, ViTForImageClassification
+from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
 
 # bitsandbytes, which Colossal-AI imports for quantised training that this example does not do, wraps some of its
 # kernels in torch.compile as it loads, which imports PyTorch's inductor: seconds of every start. With dynamo off
@@ -135,16 +135,21 @@ def unbuilt_kernels(loader):
     return unbuilt
 
 
-def load_model(model_name_or_path, names):
+def load_model(args, names):
+    """The image processor, and the model with a new classification head for `names`. A --tp_size or --pp_size the
+    model cannot be split into is refused from its config, before the weights are read."""
     try:
-        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, use_fast=True)
-        model = ViTForImageClassification.from_pretrained(
-            model_name_or_path, num_labels=len(names), id2label=dict(enumerate(names)),
-            label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True,
-            attn_implementation="sdpa")
+        config = ViTConfig.from_pretrained(args.model_name_or_path, num_labels=len(names),
+                                           id2label=dict(enumerate(names)),
+                                           label2id={name: i for i, name in enumerate(names)})
+        if error := layout_error(args, config):
+            raise RunError(error)
+        image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, use_fast=True)
+        model = ViTForImageClassification.from_pretrained(args.model_name_or_path, config=config,
+                                                          ignore_mismatched_sizes=True, attn_implementation="sdpa")
     except OSError as error:
         first_line = str(error).splitlines()[0]
-        raise RunError(f"cannot load model '{model_name_or_path}' ({first_line}); "
+        raise RunError(f"cannot load model '{args.model_name_or_path}' ({first_line}); "
                         "offline, pass a local copy: --model_name_or_path /path/to/model") from None
     return image_processor, model
 
@@ -452,9 +457,7 @@ def set_up(args):
     names = label_names(splits, args.dataset)
     splits = limit_samples(splits, args.max_train_samples, args.max_eval_samples, args.seed)
     setup_ends["dataset"] = time.perf_counter()
-    image_processor, model = load_model(args.model_name_or_path, names)
-    if error := layout_error(args, model.config):
-        raise RunError(error)
+    image_processor, model = load_model(args, names)
     parameters = parameter_count(model)
     setup_ends["model"] = time.perf_counter()
     if is_master:

@@ -74,6 +74,18 @@ def test_a_layout_the_model_cannot_be_split_into_is_named():
     assert error(1, 13) == "--pp_size 13 is more pipeline stages than the 12 layers of vit; pick at most 12"
 
 
+
+def test_a_layout_the_model_cannot_be_split_into_is_refused_before_its_weights_are_read(tmp_path):
+    from vit_train_demo import RunError, load_model
+
+    for name in ("config.json", "preprocessor_config.json"):  # the weights left out: reading them would fail
+        (tmp_path / name).write_bytes((MODEL_DIR / name).read_bytes())
+    args = argparse.Namespace(tp_size=2, pp_size=1, model_name_or_path=str(tmp_path))
+    with pytest.raises(RunError, match=r"^--tp_size 2 does not divide both the 3 attention heads and the 3 labels"):
+        load_model(args, ["angular_leaf_spot", "bean_rust", "healthy"])
+    with pytest.raises(RunError, match=r"^cannot load model"):  # the layout fits: the missing weights are next
+        load_model(argparse.Namespace(tp_size=1, pp_size=1, model_name_or_path=str(tmp_path)), ["a", "b", "c"])
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
 @pytest.mark.parametrize("plugin", ["torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel"])
 def test_gpu_plugin_on_cpu_names_the_plugin_that_runs(capsys, plugin):

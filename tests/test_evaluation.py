@@ -1,4 +1,5 @@
 """Evaluation over several data-parallel ranks counts every image exactly once and matches one process."""
+import argparse
 import json
 import os
 from datetime import timedelta
@@ -25,7 +26,8 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     torch.manual_seed(0)  # the same new classification head in every run
     splits = load_splits(str(BEANS_DIR))
     names = label_names(splits, str(BEANS_DIR))
-    image_processor, model = load_model(str(MODEL_DIR), names)
+    image_processor, model = load_model(argparse.Namespace(model_name_or_path=str(MODEL_DIR), tp_size=1,
+                                                           pp_size=1), names)
     device = torch.device("cpu")
     validation = SplitImages(splits["validation"], Decoder(image_processor), device, cached=True, num_workers=0,
                              skip_unreadable=False)
