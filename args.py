@@ -154,6 +154,9 @@ def parse_demo_args(argv=None):
     if world_size % (args.tp_size * args.pp_size) != 0:
         parser.error(f"--tp_size {args.tp_size} x --pp_size {args.pp_size} = {args.tp_size * args.pp_size} "
                      f"does not divide the {world_size} launched processes; launch a multiple of it")
+    if args.skip_unreadable and args.pp_size > 1:  # Colossal-AI's pipeline schedule takes one batch size only
+        parser.error(f"--skip_unreadable leaves a batch short of an unreadable image, and a pipeline (--pp_size "
+                     f"{args.pp_size}) trains only whole batches; remove the unreadable images, or drop --pp_size")
     if args.plugin not in CPU_PLUGINS and not torch.cuda.is_available():
         parser.error(f"--plugin {args.plugin} needs a CUDA GPU and none is available; "
                      f"on the CPU use --plugin {' or '.join(CPU_PLUGINS)}")

@@ -406,11 +406,15 @@ def epoch_batches(num_examples, batch_size, dp_rank, dp_size, seed, epoch):
     return [indices[start:start + batch_size] for start in range(0, len(indices) - batch_size + 1, batch_size)]
 
 
-def evaluation_batches(num_examples, batch_size, dp_rank, dp_size):
+def evaluation_batches(num_examples, batch_size, dp_rank, dp_size, whole_batches=False):
     """This rank's share of every example once, as batches of positions. Every rank gets the same number of
     batches of the same sizes (ZeRO and Gemini gather parameters collectively inside each forward pass), so the
-    last rank's share is padded with positions past the end, which `evaluate` does not count."""
+    last rank's share is padded with positions past the end, which `evaluate` does not count. With
+    `whole_batches`, every batch is padded to `batch_size` (Colossal-AI's pipeline schedule, having evaluated a
+    smaller batch, refuses the next training batch)."""
     per_rank = math.ceil(num_examples / dp_size)
+    if whole_batches:
+        per_rank = math.ceil(per_rank / batch_size) * batch_size
     positions = list(range(dp_rank, per_rank * dp_size, dp_size))
     return [positions[start:start + batch_size] for start in range(0, len(positions), batch_size)]
 

@@ -280,7 +280,8 @@ def evaluate(boosted, images, device, batch_size, names):
     `images`, each counted exactly once across the data-parallel ranks."""
     topology = boosted.topology
     boosted.model.eval()
-    batches = evaluation_batches(len(images), batch_size, topology.dp_rank, topology.dp_size)
+    batches = evaluation_batches(len(images), batch_size, topology.dp_rank, topology.dp_size,
+                                 whole_batches=topology.pipeline)
     num_labels = len(names)
     confusion = torch.zeros(num_labels * num_labels, dtype=torch.float64, device=device)  # row: label, column: guess
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)

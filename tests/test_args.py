@@ -58,6 +58,12 @@ def test_tp_times_pp_must_divide_the_process_count(capsys, monkeypatch):
     assert "does not divide the 6 launched processes" in message
 
 
+def test_a_pipeline_refuses_to_skip_unreadable_images(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    message = parse_error(capsys, ["--plugin", "hybrid_parallel", "--pp_size", "2", "--skip_unreadable"])
+    assert "--skip_unreadable leaves a batch short" in message and "(--pp_size 2) trains only whole batches" in message
+
+
 def test_a_layout_the_model_cannot_be_split_into_is_named():
     deit_tiny = ViTConfig.from_pretrained(MODEL_DIR, num_labels=3)  # 3 attention heads, 12 layers; beans' labels
     vit_base = ViTConfig(num_labels=3)  # 12 heads

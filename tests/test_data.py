@@ -316,6 +316,9 @@ def test_evaluation_batches_cover_every_example_once_with_equal_shapes_on_every_
     assert [[len(batch) for batch in shard] for shard in shards] == [[32, 13]] * 3
     positions = sorted(sum(sum(shards, []), []))
     assert positions == list(range(135))  # 133 examples and two padding positions past the end
+    whole = [evaluation_batches(133, 32, rank, 3, whole_batches=True) for rank in range(3)]
+    assert [[len(batch) for batch in shard] for shard in whole] == [[32, 32]] * 3
+    assert sorted(sum(sum(whole, []), []))[:133] == list(range(133))
 
 
 def test_snapshot_of_arrow_shards_loads(tmp_path):

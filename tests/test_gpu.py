@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BEANS_DIR, LABELS, MODEL_DIR, ROOT
+from conftest import BEANS_DIR, LABELS, MODEL_DIR, ROOT, copy_beans
 from test_end_to_end import check_pipeline_classifies_test_split, check_schema, run_finetuning
 from test_reliability import kill_job, metrics, run_to_end, start_run, wait_for
 
@@ -73,6 +73,16 @@ def check_resume_after_a_kill(tmp_path, name, **settings):
         assert final_resumed["validation"]["accuracy"] >= 0.94 and resumed["test"]["accuracy"] >= 0.94
     return resumed
 
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_pipeline_trains_on_after_evaluating_a_short_last_batch(tmp_path):
+    """Two pipeline stages, 36 images a split at batch 32: each evaluation ends in a batch of 4, after which
+    Colossal-AI's schedule would refuse the next epoch's batch of 32 unless the evaluation batches are padded."""
+    dataset = copy_beans(tmp_path / "beans", per_label=12)
+    _, results = run_finetuning(tmp_path / "model", PLUGIN="hybrid_parallel", PP_SIZE=2, GPUNUM=2, DATASET=dataset,
+                                BS=32, EPOCH=2)
+    assert len(results["epochs"]) == 2 and results["config"]["pp_size"] == 2
+    assert results["epochs"][-1]["validation"]["num_examples"] == 36 and results["test"]["num_examples"] == 36
 
 def test_a_memory_cap_holds_and_running_out_under_it_is_one_line(tmp_path):
     _, results = run_finetuning(tmp_path / "capped", PLUGIN="torch_ddp", DATASET=BEANS_DIR, EPOCH=1,
