@@ -105,7 +105,8 @@ def build_parser():
     parser.add_argument("--batch_size", type=positive_int, default=32,
                         help="training batch size of each data-parallel rank")
     parser.add_argument("--tp_size", type=positive_int, default=1,
-                        help="tensor-parallel size (hybrid_parallel only)")
+                        help="tensor-parallel size (hybrid_parallel only); must divide the model's attention "
+                        "heads and the dataset's labels")
     parser.add_argument("--pp_size", type=positive_int, default=1,
                         help="pipeline-parallel size (hybrid_parallel only)")
     parser.add_argument("--learning_rate", type=positive_float, default=3e-4,

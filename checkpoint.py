@@ -80,8 +80,9 @@ def resolve_resume(resume_from, output_path):
     return resume_from
 
 
-def load_checkpoint(booster, model, optimizer, lr_scheduler, checkpoint):
-    """Restores the model, optimizer, scheduler and this process's RNG states; returns the training progress."""
+def load_checkpoint(booster, model, optimizer, lr_scheduler, checkpoint, fresh_progress):
+    """Restores the model, optimizer, scheduler and this process's RNG states; returns the training progress,
+    which must hold everything `fresh_progress` (a new run's) does."""
     state_file = os.path.join(checkpoint, f"state_rank{dist.get_rank()}.pt")
     if not os.path.isfile(state_file):
         raise RunError(f"{checkpoint} was written by another number of processes (no {os.path.basename(state_file)}); "
@@ -96,6 +97,10 @@ def load_checkpoint(booster, model, optimizer, lr_scheduler, checkpoint):
     if state["world_size"] != dist.get_world_size():
         raise RunError(f"{checkpoint} was written by {state['world_size']} processes, this run has "
                        f"{dist.get_world_size()}; resume with the GPUNUM it was written with")
+    missing = sorted(set(fresh_progress) - set(state["progress"]))
+    if missing:
+        raise RunError(f"{checkpoint} was written by another version of this example (its progress has no "
+                       f"{', '.join(missing)}); resume it with that version, or start afresh in another output path")
     booster.load_model(model, os.path.join(checkpoint, "model"))
     booster.load_optimizer(optimizer, os.path.join(checkpoint, "optimizer"))
     # Colossal-AI 0.5.0 restores the step counts of low_level_zero's and hybrid_parallel's optimizers on the CPU;

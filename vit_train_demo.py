@@ -475,7 +475,7 @@ def set_up(args):
                 "unreadable": [], "epoch_start": {}}
     if resume_from:
         progress = checkpoint.load_checkpoint(boosted.booster, boosted.model, boosted.optimizer, boosted.lr_scheduler,
-                                              resume_from)
+                                              resume_from, progress)
         if is_master:
             print(f"resuming from {resume_from}: epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']} "
                   f"of {steps_per_epoch}")

@@ -257,3 +257,21 @@ def test_state_file_that_would_run_code_is_refused(dataset, tmp_path):
     assert last_line.startswith(f"error: {tampered / 'state_rank0.pt'} holds more than tensors and plain values, "
                                 "and loading it could run code (posix.system)")
     assert last_line.endswith("resume only from checkpoints this example wrote") and "Traceback" not in output
+
+
+def test_checkpoint_of_another_version_is_named(dataset, tmp_path, uninterrupted):
+    import torch
+
+    from checkpoint import complete_checkpoints
+
+    older = tmp_path / "step_older"
+    shutil.copytree(complete_checkpoints(uninterrupted["config"]["output_path"])[-1], older)
+    for state_file in older.glob("state_rank*.pt"):  # as written before progress kept where its epoch started
+        state = torch.load(state_file, weights_only=True)
+        del state["progress"]["epoch_start"]
+        torch.save(state, state_file)
+    returncode, output = finish(start_run(dataset, tmp_path / "model", RESUME=older))
+    assert returncode == 1 and "Traceback" not in output
+    assert output.strip().splitlines()[-1] == (
+        f"error: {older} was written by another version of this example (its progress has no epoch_start); resume "
+        "it with that version, or start afresh in another output path")
