@@ -80,7 +80,6 @@ def test_a_layout_the_model_cannot_be_split_into_is_named():
     assert error(1, 13) == "--pp_size 13 is more pipeline stages than the 12 layers of vit; pick at most 12"
 
 
-
 def test_a_layout_the_model_cannot_be_split_into_is_refused_before_its_weights_are_read(tmp_path):
     from vit_train_demo import RunError, load_model
 
@@ -91,6 +90,7 @@ def test_a_layout_the_model_cannot_be_split_into_is_refused_before_its_weights_a
         load_model(args, ["angular_leaf_spot", "bean_rust", "healthy"])
     with pytest.raises(RunError, match=r"^cannot load model"):  # the layout fits: the missing weights are next
         load_model(argparse.Namespace(tp_size=1, pp_size=1, model_name_or_path=str(tmp_path)), ["a", "b", "c"])
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
 @pytest.mark.parametrize("plugin", ["torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel"])

@@ -84,6 +84,7 @@ def test_pipeline_trains_on_after_evaluating_a_short_last_batch(tmp_path):
     assert len(results["epochs"]) == 2 and results["config"]["pp_size"] == 2
     assert results["epochs"][-1]["validation"]["num_examples"] == 36 and results["test"]["num_examples"] == 36
 
+
 def test_a_memory_cap_holds_and_running_out_under_it_is_one_line(tmp_path):
     _, results = run_finetuning(tmp_path / "capped", PLUGIN="torch_ddp", DATASET=BEANS_DIR, EPOCH=1,
                                 MAX_GPU_MEMORY_GIB=3)
