@@ -109,6 +109,9 @@ def build_parser():
                         "heads and the dataset's labels")
     parser.add_argument("--pp_size", type=positive_int, default=1,
                         help="pipeline-parallel size (hybrid_parallel only)")
+    parser.add_argument("--microbatch_size", type=positive_int, default=None,
+                        help="images per pipeline microbatch (with --pp_size > 1): must split --batch_size into at least "
+                        "--pp_size whole microbatches (default: the largest that does)")
     parser.add_argument("--learning_rate", type=positive_float, default=3e-4,
                         help="peak learning rate, applied as given whatever the number of GPUs")
     parser.add_argument("--warmup_ratio", type=ratio, default=0.1,
@@ -155,6 +158,18 @@ def parse_demo_args(argv=None):
     if world_size % (args.tp_size * args.pp_size) != 0:
         parser.error(f"--tp_size {args.tp_size} x --pp_size {args.pp_size} = {args.tp_size * args.pp_size} "
                      f"does not divide the {world_size} launched processes; launch a multiple of it")
+    if args.pp_size > 1:  # Colossal-AI's pipeline schedule wants at least one whole microbatch per stage
+        fitting = [size for size in range(args.batch_size, 0, -1)
+                   if args.batch_size % size == 0 and args.batch_size // size >= args.pp_size]
+        if not fitting:
+            parser.error(f"--batch_size {args.batch_size} is fewer images than the --pp_size {args.pp_size} pipeline "
+                         f"stages, each of which needs a microbatch; raise --batch_size to at least {args.pp_size}")
+        if args.microbatch_size is None:  # the fewest microbatches, the largest steps: fastest (BENCHMARKS.md)
+            args.microbatch_size = fitting[0]
+        if args.microbatch_size not in fitting:
+            parser.error(f"--microbatch_size {args.microbatch_size} does not split --batch_size {args.batch_size} "
+                         f"into at least --pp_size {args.pp_size} whole microbatches; pick one of: "
+                         f"{', '.join(map(str, reversed(fitting)))}")
     if args.skip_unreadable and args.pp_size > 1:  # Colossal-AI's pipeline schedule takes one batch size only
         parser.error(f"--skip_unreadable leaves a batch short of an unreadable image, and a pipeline (--pp_size "
                      f"{args.pp_size}) trains only whole batches; remove the unreadable images, or drop --pp_size")

@@ -15,6 +15,7 @@ OUTPUT_PATH=${OUTPUT_PATH:-./output_model}   # fine-tuned model, image processor
 PLUGIN=${PLUGIN:-gemini}                     # torch_ddp, torch_ddp_fp16, low_level_zero, gemini or hybrid_parallel
 TP_SIZE=${TP_SIZE:-1}                        # tensor-parallel size (hybrid_parallel only)
 PP_SIZE=${PP_SIZE:-1}                        # pipeline-parallel size (hybrid_parallel only)
+MICROBATCH=${MICROBATCH:-}                   # images per pipeline microbatch (PP_SIZE > 1; default BS / PP_SIZE)
 GPUNUM=${GPUNUM:-1}                          # processes (GPUs) on this node
 BS=${BS:-32}                                 # training batch size of each data-parallel rank
 LR=${LR:-3e-4}                               # peak learning rate, used as given whatever GPUNUM is
@@ -59,6 +60,7 @@ demo=(vit_train_demo.py
   --plugin "$PLUGIN"
   --tp_size "$TP_SIZE"
   --pp_size "$PP_SIZE"
+  ${MICROBATCH:+--microbatch_size "$MICROBATCH"}
   --batch_size "$BS"
   --learning_rate "$LR"
   --num_epoch "$EPOCH"

@@ -84,7 +84,7 @@ def build_plugin(args):
         # pinned host memory is what gemini's asynchronous gradient reduction uses anyway (it warns if not asked)
         return GeminiPlugin(precision=args.precision, initial_scale=2**5, pin_memory=True, placement_policy="static",
                             offload_optim_frac=optimizer_share, offload_param_frac=weight_share)
-    return HybridParallelPlugin(tp_size=args.tp_size, pp_size=args.pp_size, microbatch_size=1,
+    return HybridParallelPlugin(tp_size=args.tp_size, pp_size=args.pp_size, microbatch_size=args.microbatch_size,
                                 enable_all_optimization=True, precision=args.precision, initial_scale=1,
                                 zero_stage=int(offload), cpu_offload=offload)
 

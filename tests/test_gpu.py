@@ -82,6 +82,7 @@ def test_pipeline_trains_on_after_evaluating_a_short_last_batch(tmp_path):
     _, results = run_finetuning(tmp_path / "model", PLUGIN="hybrid_parallel", PP_SIZE=2, GPUNUM=2, DATASET=dataset,
                                 BS=32, EPOCH=2)
     assert len(results["epochs"]) == 2 and results["config"]["pp_size"] == 2
+    assert results["config"]["microbatch_size"] == 16  # the default: two microbatches a batch, one a stage
     assert results["epochs"][-1]["validation"]["num_examples"] == 36 and results["test"]["num_examples"] == 36
 
 
