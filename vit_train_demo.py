@@ -318,7 +318,8 @@ def describe_run(args, splits, parameters, device):
     """The header line: what is trained, on what, how, and where it goes."""
     sizes = ", ".join(f"{len(splits[name])} {name}" for name in ("train", "validation", "test") if name in splits)
     processes = dist.get_world_size()
-    layout = (f" (tensor parallel {args.tp_size}, pipeline parallel {args.pp_size})"
+    microbatches = f" in microbatches of {args.microbatch_size}" if args.pp_size > 1 else ""
+    layout = (f" (tensor parallel {args.tp_size}, pipeline parallel {args.pp_size}{microbatches})"
               if args.tp_size * args.pp_size > 1 else "")
     offload = (f", offloading the {'optimizer' if args.offload == 'optimizer' else 'weights and optimizer'} to the "
                f"host" + (f" ({args.offload_fraction:g} of it)" if args.offload_fraction < 1 else "")

@@ -79,8 +79,9 @@ def test_pipeline_trains_on_after_evaluating_a_short_last_batch(tmp_path):
     """Two pipeline stages, 36 images a split at batch 32: each evaluation ends in a batch of 4, after which
     Colossal-AI's schedule would refuse the next epoch's batch of 32 unless the evaluation batches are padded."""
     dataset = copy_beans(tmp_path / "beans", per_label=12)
-    _, results = run_finetuning(tmp_path / "model", PLUGIN="hybrid_parallel", PP_SIZE=2, GPUNUM=2, DATASET=dataset,
-                                BS=32, EPOCH=2)
+    run, results = run_finetuning(tmp_path / "model", PLUGIN="hybrid_parallel", PP_SIZE=2, GPUNUM=2,
+                                  DATASET=dataset, BS=32, EPOCH=2)
+    assert "(tensor parallel 1, pipeline parallel 2 in microbatches of 16);" in run.stdout
     assert len(results["epochs"]) == 2 and results["config"]["pp_size"] == 2
     assert results["config"]["microbatch_size"] == 16  # the default: two microbatches a batch, one a stage
     assert results["epochs"][-1]["validation"]["num_examples"] == 36 and results["test"]["num_examples"] == 36
