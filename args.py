@@ -110,8 +110,8 @@ def build_parser():
     parser.add_argument("--pp_size", type=positive_int, default=1,
                         help="pipeline-parallel size (hybrid_parallel only)")
     parser.add_argument("--microbatch_size", type=positive_int, default=None,
-                        help="images per pipeline microbatch (with --pp_size > 1): must split --batch_size into at least "
-                        "--pp_size whole microbatches (default: the largest that does)")
+                        help="images per pipeline microbatch (with --pp_size > 1): must split --batch_size into at "
+                        "least --pp_size whole microbatches (default: the largest that does)")
     parser.add_argument("--learning_rate", type=positive_float, default=3e-4,
                         help="peak learning rate, applied as given whatever the number of GPUs")
     parser.add_argument("--warmup_ratio", type=ratio, default=0.1,
@@ -158,6 +158,9 @@ def parse_demo_args(argv=None):
     if world_size % (args.tp_size * args.pp_size) != 0:
         parser.error(f"--tp_size {args.tp_size} x --pp_size {args.pp_size} = {args.tp_size * args.pp_size} "
                      f"does not divide the {world_size} launched processes; launch a multiple of it")
+    if args.microbatch_size is not None and args.pp_size == 1:
+        parser.error(f"--microbatch_size {args.microbatch_size} splits a pipeline's batches and there is no pipeline; "
+                     "add --pp_size 2 or more (hybrid_parallel), or drop --microbatch_size")
     if args.pp_size > 1:  # Colossal-AI's pipeline schedule wants at least one whole microbatch per stage
         fitting = [size for size in range(args.batch_size, 0, -1)
                    if args.batch_size % size == 0 and args.batch_size // size >= args.pp_size]

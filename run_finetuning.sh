@@ -47,7 +47,7 @@ fi
 # nvidia-smi answers in a fraction of the 3 s that importing torch to ask takes; torch still decides without it
 if ! nvidia-smi -L >/dev/null 2>&1 && ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   [ "$PLUGIN" = torch_ddp ] || echo "No CUDA GPU found: running torch_ddp on the CPU instead of $PLUGIN."
-  PLUGIN=torch_ddp TP_SIZE=1 PP_SIZE=1
+  PLUGIN=torch_ddp TP_SIZE=1 PP_SIZE=1 MICROBATCH=
 fi
 
 demo=(vit_train_demo.py

@@ -68,11 +68,13 @@ def test_pipeline_microbatches_must_split_the_batch_into_one_a_stage_or_more(cap
     monkeypatch.setenv("WORLD_SIZE", "2")
     pipeline = ["--plugin", "hybrid_parallel", "--pp_size", "2"]
     message = parse_error(capsys, pipeline + ["--batch_size", "32", "--microbatch_size", "32"])
-    assert message.startswith("error: --microbatch_size 32 does not split --batch_size 32 into at least --pp_size 2 whole "
-                            "microbatches; pick one of: 1, 2, 4, 8, 16")
+    assert message.startswith("error: --microbatch_size 32 does not split --batch_size 32 into at least --pp_size 2 "
+                              "whole microbatches; pick one of: 1, 2, 4, 8, 16")
     message = parse_error(capsys, pipeline + ["--batch_size", "1"])
-    assert message.startswith("error: --batch_size 1 is fewer images than the --pp_size 2 pipeline stages, each of which needs "
-                            "a microbatch; raise --batch_size to at least 2")
+    assert message.startswith("error: --batch_size 1 is fewer images than the --pp_size 2 pipeline stages, each of "
+                              "which needs a microbatch; raise --batch_size to at least 2")
+    message = parse_error(capsys, ["--plugin", "hybrid_parallel", "--microbatch_size", "8"])
+    assert message.startswith("error: --microbatch_size 8 splits a pipeline's batches and there is no pipeline")
 
 
 def test_a_layout_the_model_cannot_be_split_into_is_named():
