@@ -18,6 +18,9 @@ import threading
 LAUNCHER_REPORT = re.compile(rb"Sending process \d+ closing signal |failed \(exitcode: |^Error: failed to run |"
                              rb"^====== Training on All Nodes")
 
+# what colossalai run says on a machine without a GPU as it loads PyTorch's extension builder: nothing to act on
+LAUNCHER_NOISE = re.compile(rb"^No CUDA runtime is found, using CUDA_HOME=")
+
 
 class Output:
     """What has been passed on, and what is held back, of the launcher's stdout and stderr."""
@@ -31,6 +34,8 @@ class Output:
 
     def pass_on(self, stream, text, whole_line=True):
         is_error = whole_line and text.startswith(b"error: ")
+        if whole_line and LAUNCHER_NOISE.match(text):
+            return
         with self.lock:
             self.holding = self.holding or (whole_line and LAUNCHER_REPORT.search(text) is not None)
             if self.holding:
