@@ -1,4 +1,5 @@
-"""Runs a launcher (colossalai run, torchrun) and passes its output on as it comes, less what repeats an error.
+"""Runs a launcher (colossalai run, torchrun) and passes its output on as it comes, less what repeats an error
+and the launcher's own chatter.
 
 When a process stops on a bad input, every rank that met it says what is wrong in one `error:` line; torchrun then
 adds a 30-line traceback of its own and colossalai run the status of every node. Here each `error:` line is passed
