@@ -2,8 +2,10 @@
 
 Hugging Face's fine-tune-ViT recipe as its image-classification guide writes it: `Trainer`, images decoded and
 preprocessed on the fly by the image processor (`with_transform`) in `dataloader_num_workers` loader processes, bf16
-on a GPU, AdamW with warm-up. Prints one JSON line: the wall time of each part, training images per second, and
-the accuracy on each split. Not part of the example: run_device_benchmarks.sh times it beside run_finetuning.sh.
+on a GPU, AdamW with warm-up. With --save it writes what the guide's recipe writes (`save_strategy="epoch"`, and
+the model at the end, which the guide pushes to the hub); without, nothing. Prints one JSON line: the wall time of
+each part, training images per second, and the accuracy on each split. Not part of the example:
+run_device_benchmarks.sh times it beside run_finetuning.sh.
   python hf_recipe.py --model_name_or_path MODEL --dataset DIR --batch_size 128 --num_epoch 1
 """
 import argparse
@@ -32,6 +34,9 @@ def parse_args():
     parser.add_argument("--label_smoothing", type=float, default=0.1)
     parser.add_argument("--num_workers", type=int, default=8)
     parser.add_argument("--eval_every_epoch", action="store_true", help="evaluate on validation after each epoch")
+    parser.add_argument("--save", action="store_true",
+                        help="write what the guide's recipe writes, as the example does by default: a checkpoint at "
+                        "each epoch's end (the newest one kept) and the fine-tuned model with its image processor")
     return parser.parse_args()
 
 
@@ -61,13 +66,17 @@ def main():
         per_device_eval_batch_size=args.batch_size, num_train_epochs=args.num_epoch,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         label_smoothing_factor=args.label_smoothing, bf16=torch.cuda.is_available(),
-        eval_strategy="epoch" if args.eval_every_epoch else "no", save_strategy="no", logging_strategy="no",
+        eval_strategy="epoch" if args.eval_every_epoch else "no", save_strategy="epoch" if args.save else "no",
+        save_total_limit=1, logging_strategy="no",
         remove_unused_columns=False, dataloader_num_workers=args.num_workers, report_to="none")
     prepared = splits.with_transform(transform)
     trainer = Trainer(model=model, args=training_args, data_collator=collate, compute_metrics=accuracy,
                       train_dataset=prepared["train"], eval_dataset=prepared["validation"])
     setup_seconds = time.perf_counter() - PROCESS_START
     train_metrics = trainer.train().metrics
+    if args.save:
+        trainer.save_model()
+        processor.save_pretrained(args.output_path)
     results = {"setup_seconds": setup_seconds, "train_images": len(prepared["train"]) * args.num_epoch,
                "train_seconds": train_metrics["train_runtime"],
                "train_images_per_second": train_metrics["train_samples_per_second"]}

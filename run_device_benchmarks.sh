@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md in one go, on a freshly installed GPU machine: the one-off build of
-# Colossal-AI's Adam kernels, the start-up of each launcher, the Hugging Face recipe (hf_recipe.py) and then
+# Colossal-AI's Adam kernels, the start-up of each launcher, the Hugging Face recipe (hf_recipe.py, writing nothing
+# and writing a checkpoint each epoch and the model, as the example does) and then
 # run_finetuning.sh for each plugin with the example's defaults (gemini first, as a new user's first run), each
 # timed from the shell, then the training-step benchmark with a profile of each configuration.
 #   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash run_device_benchmarks.sh [PART]
@@ -53,16 +54,19 @@ if [ "$PART" = end_to_end ] || [ "$PART" = both ]; then
     echo "${launcher% --*} starting an empty script: $wall s"
     echo "launcher:${launcher%% *} $wall" >>"$RUN_ROOT/walls"
   done
-  # the reference: Hugging Face's recipe with the same model, data and settings (bs 32, 5 epochs, lr 3e-4, ...)
-  recipe() {
-    python3 hf_recipe.py --model_name_or_path "$MODEL" --dataset "$DATASET" --eval_every_epoch \
-      --output_path "$RUN_ROOT/hf_recipe_beans" >"$RUN_ROOT/recipe_$repeat.json"
+  # the reference: Hugging Face's recipe with the same model, data and settings (bs 32, 5 epochs, lr 3e-4, ...),
+  # writing nothing (recipe) and writing a checkpoint each epoch and the model, as the example does (recipe_saving)
+  recipe() {  # NAME [--save]
+    python3 hf_recipe.py --model_name_or_path "$MODEL" --dataset "$DATASET" --eval_every_epoch "${@:2}" \
+      --output_path "$RUN_ROOT/hf_$1_$repeat" >"$RUN_ROOT/$1_$repeat.json"
   }
-  # in turns, recipe then each plugin, REPEATS times: a drift of the machine's speed touches them all alike
+  # in turns, the recipes then each plugin, REPEATS times: a drift of the machine's speed touches them all alike
   for repeat in $(seq "$REPEATS"); do
-    wall=$(seconds_of recipe)
-    echo "Hugging Face recipe: $wall s"
-    echo "recipe $repeat $wall" >>"$RUN_ROOT/walls"
+    for variant in "recipe" "recipe_saving --save"; do
+      wall=$(seconds_of recipe $variant)
+      echo "Hugging Face ${variant% *}: $wall s"
+      echo "${variant% *} $repeat $wall" >>"$RUN_ROOT/walls"
+    done
     for plugin in $PLUGINS; do
       wall=$(seconds_of env PLUGIN="$plugin" GPUNUM="$GPUNUM" OUTPUT_PATH="$RUN_ROOT/${plugin}_$repeat" \
         bash run_finetuning.sh)
@@ -94,25 +98,32 @@ def spread(repeats):
     return f"{min(repeats.values()):.1f}-{max(repeats.values()):.1f}" if len(repeats) > 1 else ""
 
 
-recipe_walls = walls.pop("recipe")
-repeat, recipe_wall = median_run(recipe_walls)
-recipe = json.loads(open(f"{run_root}/recipe_{repeat}.json").read().splitlines()[-1])
-summary = {"recipe": {"wall_seconds": recipe_wall, "all_wall_seconds": recipe_walls, **recipe},
-           "launchers": launchers, "plugins": {}}
+summary = {"launchers": launchers, "plugins": {}}
+for name in ("recipe", "recipe_saving"):
+    repeats = walls.pop(name)
+    repeat, wall = median_run(repeats)
+    summary[name] = {"wall_seconds": wall, "all_wall_seconds": repeats,
+                     **json.loads(open(f"{run_root}/{name}_{repeat}.json").read().splitlines()[-1])}
+recipe_wall, saving_wall = summary["recipe"]["wall_seconds"], summary["recipe_saving"]["wall_seconds"]
 print("| launcher | seconds to start an empty script |")
 print("| --- | --- |")
 for launcher, wall in launchers.items():
     print(f"| {launcher} | {wall:.2f} |")
 print()
-print(f"Median of {len(recipe_walls)} runs each; the other figures are the median run's.")
+print(f"Median of {len(summary['recipe']['all_wall_seconds'])} runs each; the other figures are the median run's.")
 print()
-print("| run | processes | wall s | wall s, all runs | vs recipe | "
+print("| run | processes | wall s | wall s, all runs | vs recipe | vs recipe, saving | "
       "setup s: imports, distributed, dataset, model, booster, images, resume | train s | data wait s | "
       "evaluation s | checkpoints s | rest s (launch, plots, exit) | validation accuracy | test accuracy |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-print(f"| Hugging Face recipe | 1 | {recipe_wall:.1f} | {spread(recipe_walls)} | 1.00x | "
-      f"{recipe['setup_seconds']:.1f} | {recipe['train_seconds']:.1f} | | | | | "
-      f"{recipe['validation_accuracy']:.4f} | {recipe['test_accuracy']:.4f} |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for name, title, included in (("recipe", "Hugging Face recipe, writing nothing", "evaluation"),
+                              ("recipe_saving", "Hugging Face recipe, saving as the example does",
+                               "evaluation and checkpoints")):
+    recipe = summary[name]
+    print(f"| {title} | 1 | {recipe['wall_seconds']:.1f} | {spread(recipe['all_wall_seconds'])} | "
+          f"{recipe['wall_seconds'] / recipe_wall:.2f}x | {recipe['wall_seconds'] / saving_wall:.2f}x | "
+          f"{recipe['setup_seconds']:.1f} | {recipe['train_seconds']:.1f} ({included} included) | "
+          f"| | | | {recipe['validation_accuracy']:.4f} | {recipe['test_accuracy']:.4f} |")
 for plugin, repeats in walls.items():
     repeat, wall = median_run(repeats)
     results = json.load(open(f"{run_root}/{plugin}_{repeat}/results.json"))
@@ -120,7 +131,7 @@ for plugin, repeats in walls.items():
     seconds = results["seconds"]
     parts = ", ".join(f"{part:.1f}" for part in seconds["setup_parts"].values())
     print(f"| {plugin} | {results['config']['world_size']} | {wall:.1f} | {spread(repeats)} | "
-          f"{wall / recipe_wall:.2f}x | "
+          f"{wall / recipe_wall:.2f}x | {wall / saving_wall:.2f}x | "
           f"{seconds['setup']:.1f}: {parts} | {seconds['train']:.1f} | {seconds['data_wait']:.2f} | "
           f"{seconds['evaluation']:.1f} | {seconds['checkpoints']:.1f} | {wall - seconds['total']:.1f} | "
           f"{results['epochs'][-1]['validation']['accuracy']:.4f} | "
