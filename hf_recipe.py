@@ -71,12 +71,11 @@ def main():
         remove_unused_columns=False, dataloader_num_workers=args.num_workers, report_to="none")
     prepared = splits.with_transform(transform)
     trainer = Trainer(model=model, args=training_args, data_collator=collate, compute_metrics=accuracy,
-                      train_dataset=prepared["train"], eval_dataset=prepared["validation"])
+                      train_dataset=prepared["train"], eval_dataset=prepared["validation"], processing_class=processor)
     setup_seconds = time.perf_counter() - PROCESS_START
     train_metrics = trainer.train().metrics
     if args.save:
-        trainer.save_model()
-        processor.save_pretrained(args.output_path)
+        trainer.save_model()  # the model and, as its processing class, the image processor
     results = {"setup_seconds": setup_seconds, "train_images": len(prepared["train"]) * args.num_epoch,
                "train_seconds": train_metrics["train_runtime"],
                "train_images_per_second": train_metrics["train_samples_per_second"]}
