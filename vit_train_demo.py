@@ -216,17 +216,20 @@ def train_epoch(run, criterion, remaining):
 
     A step's loss is read (which waits for the GPU to finish the step) only once LOSS_READ_LAG more steps are
     queued, so the GPU does not idle while the CPU prepares the next step, even when a step takes the CPU about as
-    long to queue as the GPU to run."""
+    long to queue as the GPU to run. It is read from a copy made in its step (`loss.item()` would be queued behind
+    the steps after it and wait for them all)."""
     boosted, args, progress, writer = run.boosted, run.args, run.progress, run.writer
     topology = boosted.topology
     boosted.model.train()
     # the training time leaves out the checkpoints written meanwhile
     clock = {"start": time.perf_counter(), "seconds_before": progress["train_seconds"],
              "checkpoint_seconds_before": run.checkpoint_seconds}
-    unread = collections.deque()  # (loss, step, learning rate) of the steps queued and not read yet
+    unread = collections.deque()  # (loss, its copy's event, step, learning rate) of the steps not read yet
 
-    def read(loss, step, learning_rate):
+    def read(loss, copied, step, learning_rate):
         """Waits for step `step`'s loss, checks it and reports it."""
+        if copied is not None:
+            copied.synchronize()
         loss_value = loss.item() if topology.holds_output else 0.0
         if not math.isfinite(loss_value):
             raise RunError(f"training loss is {loss_value} at step {step} (epoch {progress['epoch'] + 1}); lower "
@@ -264,7 +267,7 @@ def train_epoch(run, criterion, remaining):
             progress["step_in_epoch"] += 1
             progress["global_step"] += 1
             progress["images_trained"] += len(labels) * topology.dp_size
-            unread.append((loss, progress["global_step"], boosted.lr_scheduler.get_last_lr()[0]))
+            unread.append((*copied_to_host(loss), progress["global_step"], boosted.lr_scheduler.get_last_lr()[0]))
             read_until(LOSS_READ_LAG)
             # the last step of an epoch is saved after the evaluation, with the epoch's results
             if (args.save_every and progress["global_step"] % args.save_every == 0
@@ -272,6 +275,17 @@ def train_epoch(run, criterion, remaining):
                 read_until(0)
                 run.save_checkpoint()
         read_until(0)
+
+
+def copied_to_host(loss):
+    """A step's loss on its way to the host, and the CUDA event that marks the copy's place among the queued work
+    (None on the CPU, or on a pipeline stage without the loss)."""
+    if loss is None or loss.device.type != "cuda":
+        return loss, None
+    on_host = loss.detach().to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return on_host, copied
 
 
 @torch.no_grad()
