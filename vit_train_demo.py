@@ -6,6 +6,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import importlib
 import io
 import json
 import math
@@ -32,7 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
 
@@ -56,7 +56,6 @@ else:
     os.environ["TORCHDYNAMO_DISABLE"] = DYNAMO_SETTING
 
 import checkpoint
-import report
 from args import layout_error, parse_demo_args
 from data import (RunError, device_images, epoch_batches, evaluation_batches, label_names, limit_samples,
                   load_splits, random_resized_crop_and_flip)
@@ -431,6 +430,9 @@ def boost(model, splits, image_processor, device, args, setup_ends):
                                                warmup_steps=int(args.warmup_ratio * total_steps))
         model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
         setup_ends["booster"] = time.perf_counter()
+        if topology.reports:  # the plots' and TensorBoard's libraries, used later, load while the images decode
+            for module in ("report", "torch.utils.tensorboard"):
+                importlib.import_module(module)
         images = decoding.result()
         setup_ends["images"] = time.perf_counter()
     return Boosted(model, optimizer, lr_scheduler, booster, topology), images, steps_per_epoch
@@ -448,7 +450,7 @@ class Run:
     images: dict  # the SplitImages of each split (data.py)
     steps_per_epoch: int
     progress: dict  # where training stands and what it has measured: what a checkpoint holds
-    writer: SummaryWriter  # TensorBoard, on the reporting rank only (None elsewhere)
+    writer: object  # TensorBoard's SummaryWriter, on the reporting rank only (None elsewhere)
     setup_parts: dict  # seconds of each part of the set-up
     checkpoint_seconds: float = 0.0  # spent writing checkpoints in this process
 
@@ -496,9 +498,11 @@ def set_up(args):
                   f"of {steps_per_epoch}")
     elif args.resume_from and is_master:
         print(f"no checkpoint under {checkpoint.checkpoint_root(args.output_path)} yet: starting from scratch")
-    # purge_step drops what a killed run logged after the checkpoint this run resumes from
-    writer = SummaryWriter(os.path.join(args.output_path, "tensorboard"),
-                           purge_step=progress["global_step"] or None) if boosted.topology.reports else None
+    writer = None
+    if boosted.topology.reports:
+        from torch.utils.tensorboard import SummaryWriter  # loaded while the images decoded (boost)
+        # purge_step drops what a killed run logged after the checkpoint this run resumes from
+        writer = SummaryWriter(os.path.join(args.output_path, "tensorboard"), purge_step=progress["global_step"] or None)
     setup_ends["resume"] = time.perf_counter()
     starts = [PROCESS_START, *setup_ends.values()]
     setup_parts = {part: end - start for (part, end), start in zip(setup_ends.items(), starts)}
@@ -600,6 +604,7 @@ def save(run):
         }
         with open(os.path.join(args.output_path, "results.json"), "w") as file:
             json.dump(results, file, indent=2)
+        import report  # loaded while the images decoded (boost)
         report.write_plots(results, args.output_path)
         report.write_model_card(results, args.output_path)
     seconds = results["seconds"]
