@@ -502,7 +502,8 @@ def set_up(args):
     if boosted.topology.reports:
         from torch.utils.tensorboard import SummaryWriter  # loaded while the images decoded (boost)
         # purge_step drops what a killed run logged after the checkpoint this run resumes from
-        writer = SummaryWriter(os.path.join(args.output_path, "tensorboard"), purge_step=progress["global_step"] or None)
+        writer = SummaryWriter(os.path.join(args.output_path, "tensorboard"),
+                               purge_step=progress["global_step"] or None)
     setup_ends["resume"] = time.perf_counter()
     starts = [PROCESS_START, *setup_ends.values()]
     setup_parts = {part: end - start for (part, end), start in zip(setup_ends.items(), starts)}
