@@ -34,6 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
+
+# transformers imports scikit-learn, where it is installed, for assisted text generation, which a classifier never
+# does: 1.7 s of every start on the GPU machine (BENCHMARKS.md, end to end)
+transformers.utils.import_utils._sklearn_available = False
 from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
 
 # bitsandbytes, which Colossal-AI imports for quantised training that this example does not do, wraps some of its
