@@ -17,7 +17,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from datasets import ClassLabel, DatasetDict
+from datasets import ClassLabel, DatasetDict, concatenate_datasets
 from datasets import Image as ImageFeature
 from datasets import disable_progress_bars, load_dataset, load_from_disk
 from datasets.data_files import SPLIT_KEYWORDS
@@ -277,24 +277,14 @@ class SplitImages:
     An unreadable image stops the run with a one-line error naming it, or, with skip_unreadable, is left out of
     its batch and recorded in `unreadable`."""
 
-    def __init__(self, split, decoder, device, cached, num_workers, skip_unreadable, chunk_size=64):
+    def __init__(self, split, decoder, device, cached, num_workers, skip_unreadable):
         self.device, self.cached, self.skip_unreadable, self.unreadable = device, cached, skip_unreadable, set()
         self.num_workers = num_workers
         self.normalise = Normalise(decoder.image_processor, device)
         self.labels = torch.tensor(labels_of(split), device=device)
-        if cached:
+        if cached:  # filled by split_images
             self.pixel_values = torch.empty(len(split), *decoder.shape, dtype=torch.uint8, device=device)
             self.readable = torch.empty(len(split), dtype=torch.bool)
-            # decoded once by loader worker processes, which leave the training process free to set up meanwhile
-            # (decoding threads would hold its GIL for much of the processor's work)
-            chunks = decoding_loader(split, decoder, min(num_workers, math.ceil(len(split) / chunk_size)),
-                                     batch_size=chunk_size)
-            for start, chunk in zip(range(0, len(split), chunk_size), chunks):
-                self.check(chunk["unreadable"])
-                readable = chunk["readable"]
-                self.readable[start:start + len(readable)] = readable
-                self.pixel_values[torch.arange(start, start + len(readable))[readable]] = \
-                    chunk["pixel_values"].to(device)
         else:
             self.plan = BatchPlan()
             self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -303,6 +293,13 @@ class SplitImages:
 
     def __len__(self):
         return len(self.labels)
+
+    def store(self, start, chunk):
+        """Caches a decoded chunk of the split: its images from `start` on."""
+        self.check(chunk["unreadable"])
+        readable = chunk["readable"]
+        self.readable[start:start + len(readable)] = readable
+        self.pixel_values[torch.arange(start, start + len(readable))[readable]] = chunk["pixel_values"].to(self.device)
 
     def check(self, unreadable):
         if unreadable and not self.skip_unreadable:
@@ -371,8 +368,28 @@ def device_images(splits, image_processor, device, args, announce):
     line = (f"data: caching all {count} images on {device}, decoded by {workers} ({why})" if cached else
             f"data: streaming {count} images through {workers} ({why})")
     announce(line)
-    return {name: SplitImages(split, decoder, device, cached, num_workers, args.skip_unreadable)
-            for name, split in splits.items()}
+    return split_images(splits, decoder, device, cached, num_workers, args.skip_unreadable)
+
+
+def split_images(splits, decoder, device, cached, num_workers, skip_unreadable, chunk_size=32):
+    """Each split as SplitImages. Cached, they are all decoded here, by one pool of loader worker processes for
+    every split: it starts once, and no worker idles while a split waits its turn. Workers, not threads, leave the
+    training process free to set up meanwhile (threads would hold its GIL for much of the processor's work)."""
+    images = {name: SplitImages(split, decoder, device, cached, num_workers, skip_unreadable)
+              for name, split in splits.items()}
+    if cached:
+        chunks, index_batches, offset = [], [], 0  # chunks: (split name, first index in the split)
+        for name, split in splits.items():
+            for start in range(0, len(split), chunk_size):
+                chunks.append((name, start))
+                index_batches.append(list(range(offset + start, offset + min(start + chunk_size, len(split)))))
+            offset += len(split)
+        every_image = concatenate_datasets([split.select_columns(["image"]) for split in splits.values()])
+        decoded = decoding_loader(every_image, decoder, min(num_workers, len(index_batches)),
+                                  batch_sampler=index_batches)
+        for (name, start), chunk in zip(chunks, decoded):
+            images[name].store(start, chunk)
+    return images
 
 
 def cache_budget(device, budget_gib=None, gpu_cap_gib=None):

@@ -12,7 +12,7 @@ from transformers import AutoImageProcessor
 
 from conftest import BEANS_DIR, LABELS, MODEL_DIR, copy_beans, write_hub_snapshot
 from data import (Decoder, RunError, SplitImages, device_images, epoch_batches, evaluation_batches, label_names,
-                  limit_samples, load_splits, random_resized_crop_and_flip, standardise_columns)
+                  limit_samples, load_splits, random_resized_crop_and_flip, split_images, standardise_columns)
 
 CPU = torch.device("cpu")
 
@@ -24,8 +24,8 @@ def image_processor():
 
 def to_tensors(split, image_processor, cached=True, skip_unreadable=False):
     """Every image of `split` as model input, and its labels, through SplitImages in one batch."""
-    images = SplitImages(split, Decoder(image_processor), CPU, cached, num_workers=1,
-                         skip_unreadable=skip_unreadable)
+    images = split_images({"split": split}, Decoder(image_processor), CPU, cached, num_workers=1,
+                          skip_unreadable=skip_unreadable)["split"]
     pixel_values, labels, _ = next(images.batches([list(range(len(split)))]))
     return pixel_values, labels
 
@@ -51,14 +51,18 @@ def test_whole_split_becomes_normalised_tensors(image_processor, cached):
 
 
 def test_cached_and_streamed_batches_are_the_same(image_processor):
-    split = load_splits(str(BEANS_DIR))["train"].select(range(40))
+    # two splits decoded by one pool of workers, in chunks that end inside each split: every image lands in its place
+    beans = load_splits(str(BEANS_DIR))
+    splits = {"train": beans["train"].select(range(40)), "validation": beans["validation"].select(range(13))}
     decoder = Decoder(image_processor)
-    index_batches = [[3, 1, 4], [1, 5, 9, 2, 6], [39]]
-    cached, streamed = (list(SplitImages(split, decoder, CPU, cached, num_workers=2, skip_unreadable=False)
-                             .batches(index_batches)) for cached in (True, False))
-    for (cached_pixels, cached_labels, _), (streamed_pixels, streamed_labels, _) in zip(cached, streamed):
-        assert torch.equal(cached_pixels, streamed_pixels) and torch.equal(cached_labels, streamed_labels)
-    assert [len(labels) for _, labels, _ in streamed] == [3, 5, 1]
+    cached = split_images(splits, decoder, CPU, True, num_workers=2, skip_unreadable=False, chunk_size=7)
+    streamed = split_images(splits, decoder, CPU, False, num_workers=2, skip_unreadable=False)
+    for name, index_batches in (("train", [[3, 1, 4], [1, 5, 9, 2, 6], [39]]), ("validation", [[12, 0, 7]])):
+        cached_batches, streamed_batches = (list(images[name].batches(index_batches)) for images in (cached, streamed))
+        for (cached_pixels, cached_labels, _), (streamed_pixels, streamed_labels, _) in zip(cached_batches,
+                                                                                             streamed_batches):
+            assert torch.equal(cached_pixels, streamed_pixels) and torch.equal(cached_labels, streamed_labels)
+        assert [len(labels) for _, labels, _ in streamed_batches] == [len(batch) for batch in index_batches]
 
 
 class MarkingDecoder(Decoder):
@@ -175,7 +179,8 @@ def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, image_proces
     with pytest.raises(RunError, match=f"cannot read image {broken}: .*; replace or remove it, or pass "
                                        "--skip_unreadable"):
         to_tensors(train, image_processor, cached)
-    images = SplitImages(train, Decoder(image_processor), CPU, cached, num_workers=1, skip_unreadable=True)
+    images = split_images({"train": train}, Decoder(image_processor), CPU, cached, num_workers=1,
+                          skip_unreadable=True)["train"]
     pixel_values, labels, readable = next(images.batches([list(range(6))]))
     assert readable.tolist() == [True, True, False, True, True, True] and len(pixel_values) == len(labels) == 5
     assert torch.bincount(labels).tolist() == [2, 1, 2]
