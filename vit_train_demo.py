@@ -7,6 +7,7 @@ import collections
 import contextlib
 import functools
 import importlib
+import importlib.util
 import io
 import json
 import math
@@ -19,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 PROCESS_START = time.perf_counter()  # taken before the heavy imports below, so that the setup time includes them
+if importlib.util.find_spec("colossalai") is None:  # said in one line, not in an ImportError's traceback below
+    sys.exit("error: colossalai is not installed: run 'pip install -r requirements.txt' first")
 VERBOSE = "--verbose" in sys.argv  # read before the imports below, whose warnings it decides on
 # warnings of the libraries below about optional extras this example does not use (async checkpoint saving with
 # TensorNVMe, apex's fused RMSNorm) or about their own use of deprecated PyTorch APIs
