@@ -41,7 +41,8 @@ MASTER_PORT=${MASTER_PORT:-29500}            # rendezvous port; change it to run
 VERBOSE=${VERBOSE:-0}                        # 1: every library warning, and the launcher's own failure report
 
 # nvidia-smi answers in a fraction of the 3 s that importing torch to ask takes; torch still decides without it
-if ! nvidia-smi -L >/dev/null 2>&1 && ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+if ! nvidia-smi -L >/dev/null 2>&1 &&
+  ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   [ "$PLUGIN" = torch_ddp ] || echo "No CUDA GPU found: running torch_ddp on the CPU instead of $PLUGIN."
   PLUGIN=torch_ddp TP_SIZE=1 PP_SIZE=1 MICROBATCH=
 fi

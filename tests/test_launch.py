@@ -4,6 +4,7 @@ works and of one that fails."""
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 from colossalai.testing import free_port
@@ -86,6 +87,21 @@ def test_a_launcher_setting_that_cannot_work_is_refused_in_one_line(variables, m
                          env={**os.environ, "PLUGIN": "torch_ddp", **variables})
     assert run.returncode == 2
     assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith(message)
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"LAUNCHER": "python"}, "error: colossalai is not installed: run 'pip install -r requirements.txt' first"),
+    ({"LAUNCHER": "torchrun", "GPUNUM": "2"}, "error: torchrun is not installed: run 'pip install -r requirements.txt'"),
+])
+def test_a_machine_without_the_packages_is_told_to_install_them_in_one_line(tmp_path, variables, message):
+    # on PATH: system tools, and this Python without its site-packages (no torch, no colossalai, no torchrun)
+    (tmp_path / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    (tmp_path / "python3").chmod(0o755)
+    run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin", "PLUGIN": "torch_ddp", **variables})
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [run.stderr.splitlines()[0]] and run.stderr.startswith(message), run.stderr
+    assert run.stdout == ""
 
 
 def test_starting_leaves_pytorch_s_compiler_unloaded_and_enabled():
