@@ -349,8 +349,9 @@ class SplitImages:
 
 
 def device_images(splits, image_processor, device, args, announce):
-    """Every split as SplitImages: cached on the device if all of them fit the cache budget (or as args.data_mode
-    says), else streamed; `announce` is given one line saying which and why before the work starts."""
+    """Every split as SplitImages, cached on the device if all of them fit the cache budget (or as args.data_mode
+    says), else streamed, and the function that fills the caches (split_images); `announce` is given one line
+    saying which and why before the work starts."""
     decoder = Decoder(image_processor)
     count = sum(len(split) for split in splits.values())
     cache_bytes = count * math.prod(decoder.shape)
@@ -372,24 +373,33 @@ def device_images(splits, image_processor, device, args, announce):
 
 
 def split_images(splits, decoder, device, cached, num_workers, skip_unreadable, chunk_size=32):
-    """Each split as SplitImages. Cached, they are all decoded here, by one pool of loader worker processes for
-    every split: it starts once, and no worker idles while a split waits its turn. Workers, not threads, leave the
-    training process free to set up meanwhile (threads would hold its GIL for much of the processor's work)."""
+    """Each split as SplitImages, and a function that fills their caches (nothing to do when streamed). Cached,
+    the images are decoded by one pool of loader worker processes for every split: it starts once, and no worker
+    idles while a split waits its turn. Workers, not threads, leave the training process free to set up meanwhile
+    (threads would hold its GIL for much of the processor's work).
+
+    The workers start here, in the calling thread; the returned function only collects their images, and may run
+    in a background thread. Forked from a background thread while the main one set the booster up, they could
+    hang, as a fork copies the locks other threads hold (hybrid_parallel with offload hung in 3 runs of 3)."""
     images = {name: SplitImages(split, decoder, device, cached, num_workers, skip_unreadable)
               for name, split in splits.items()}
-    if cached:
-        chunks, index_batches, offset = [], [], 0  # chunks: (split name, first index in the split)
-        for name, split in splits.items():
-            for start in range(0, len(split), chunk_size):
-                chunks.append((name, start))
-                index_batches.append(list(range(offset + start, offset + min(start + chunk_size, len(split)))))
-            offset += len(split)
-        every_image = concatenate_datasets([split.select_columns(["image"]) for split in splits.values()])
-        decoded = decoding_loader(every_image, decoder, min(num_workers, len(index_batches)),
-                                  batch_sampler=index_batches)
-        for (name, start), chunk in zip(chunks, decoded):
+    if not cached:
+        return images, lambda: None
+    chunks, index_batches, offset = [], [], 0  # chunks: (split name, first index in the split)
+    for name, split in splits.items():
+        for start in range(0, len(split), chunk_size):
+            chunks.append((name, start))
+            index_batches.append(list(range(offset + start, offset + min(start + chunk_size, len(split)))))
+        offset += len(split)
+    every_image = concatenate_datasets([split.select_columns(["image"]) for split in splits.values()])
+    decoded = iter(decoding_loader(every_image, decoder, min(num_workers, len(index_batches)),
+                                   batch_sampler=index_batches))  # forks the workers now
+
+    def fill_caches():
+        for chunk, (name, start) in zip(decoded, chunks):  # the loader first: its end shuts its workers down
             images[name].store(start, chunk)
-    return images
+
+    return images, fill_caches
 
 
 def cache_budget(device, budget_gib=None, gpu_cap_gib=None):

@@ -5,7 +5,6 @@ Launch with `colossalai run --nproc_per_node N vit_train_demo.py ...` or `torchr
 import argparse
 import collections
 import contextlib
-import functools
 import importlib
 import importlib.util
 import io
@@ -419,12 +418,12 @@ def check_output_path(args):
 
 
 def boost(model, splits, image_processor, device, args, setup_ends):
-    """Sets the booster up while the images decode (in loader worker processes, started from a background thread).
+    """Sets the booster up while the images decode (in loader worker processes; a background thread collects them).
     Returns what the booster made of the model, the device images of each split and the steps of an epoch."""
-    # the announcement goes to the stdout of now: build_optimizer swaps sys.stdout meanwhile to hide kernel chatter
-    announce = functools.partial(print, file=sys.stdout) if dist.get_rank() == 0 else lambda line: None
+    announce = print if dist.get_rank() == 0 else lambda line: None
+    images, fill_caches = device_images(splits, image_processor, device, args, announce=announce)
     with ThreadPoolExecutor(max_workers=1) as background:
-        decoding = background.submit(device_images, splits, image_processor, device, args, announce=announce)
+        decoding = background.submit(fill_caches)
         plugin, booster = build_booster(model, args, device)
         topology = Topology(plugin)
         steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size
@@ -440,7 +439,7 @@ def boost(model, splits, image_processor, device, args, setup_ends):
         if topology.reports:  # the plots' and TensorBoard's libraries, used later, load while the images decode
             for module in ("report", "torch.utils.tensorboard"):
                 importlib.import_module(module)
-        images = decoding.result()
+        decoding.result()
         setup_ends["images"] = time.perf_counter()
     return Boosted(model, optimizer, lr_scheduler, booster, topology), images, steps_per_epoch
 

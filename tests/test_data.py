@@ -2,7 +2,9 @@ import argparse
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
@@ -22,10 +24,17 @@ def image_processor():
     return AutoImageProcessor.from_pretrained(MODEL_DIR, use_fast=True)
 
 
+def decoded(splits, decoder, device, cached, **options):
+    """split_images with the caches filled, as a run has them once set up."""
+    images, fill_caches = split_images(splits, decoder, device, cached, **options)
+    fill_caches()
+    return images
+
+
 def to_tensors(split, image_processor, cached=True, skip_unreadable=False):
     """Every image of `split` as model input, and its labels, through SplitImages in one batch."""
-    images = split_images({"split": split}, Decoder(image_processor), CPU, cached, num_workers=1,
-                          skip_unreadable=skip_unreadable)["split"]
+    images = decoded({"split": split}, Decoder(image_processor), CPU, cached, num_workers=1,
+                     skip_unreadable=skip_unreadable)["split"]
     pixel_values, labels, _ = next(images.batches([list(range(len(split)))]))
     return pixel_values, labels
 
@@ -55,8 +64,14 @@ def test_cached_and_streamed_batches_are_the_same(image_processor):
     beans = load_splits(str(BEANS_DIR))
     splits = {"train": beans["train"].select(range(40)), "validation": beans["validation"].select(range(13))}
     decoder = Decoder(image_processor)
-    cached = split_images(splits, decoder, CPU, True, num_workers=2, skip_unreadable=False, chunk_size=7)
-    streamed = split_images(splits, decoder, CPU, False, num_workers=2, skip_unreadable=False)
+    children = set(psutil.Process().children())
+    cached, fill_caches = split_images(splits, decoder, CPU, True, num_workers=2, skip_unreadable=False, chunk_size=7)
+    # the workers start in the calling thread (forked from a background thread, one hung the run) ...
+    assert len(set(psutil.Process().children()) - children) == 2
+    with ThreadPoolExecutor(max_workers=1) as background:  # ... which is where a run fills the caches
+        background.submit(fill_caches).result()
+    assert not set(psutil.Process().children()) - children  # and they end with the last chunk
+    streamed = decoded(splits, decoder, CPU, False, num_workers=2, skip_unreadable=False)
     for name, index_batches in (("train", [[3, 1, 4], [1, 5, 9, 2, 6], [39]]), ("validation", [[12, 0, 7]])):
         cached_batches, streamed_batches = (list(images[name].batches(index_batches)) for images in (cached, streamed))
         for (cached_pixels, cached_labels, _), (streamed_pixels, streamed_labels, _) in zip(cached_batches,
@@ -179,8 +194,8 @@ def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, image_proces
     with pytest.raises(RunError, match=f"cannot read image {broken}: .*; replace or remove it, or pass "
                                        "--skip_unreadable"):
         to_tensors(train, image_processor, cached)
-    images = split_images({"train": train}, Decoder(image_processor), CPU, cached, num_workers=1,
-                          skip_unreadable=True)["train"]
+    images = decoded({"train": train}, Decoder(image_processor), CPU, cached, num_workers=1,
+                     skip_unreadable=True)["train"]
     pixel_values, labels, readable = next(images.batches([list(range(6))]))
     assert readable.tolist() == [True, True, False, True, True, True] and len(pixel_values) == len(labels) == 5
     assert torch.bincount(labels).tolist() == [2, 1, 2]
@@ -295,12 +310,12 @@ def demo_args(**overrides):
 def test_data_over_the_cache_budget_streams_and_says_why(image_processor):
     splits = load_splits(str(BEANS_DIR))
     lines = []
-    images = device_images(splits, image_processor, CPU, demo_args(cache_budget_gib=0.1), lines.append)
+    images, _ = device_images(splits, image_processor, CPU, demo_args(cache_budget_gib=0.1), lines.append)
     assert lines == ["data: streaming 1295 images through 2 loader workers (0.18 GiB as uint8, over the 0.10 GiB "
                      "budget (--cache_budget_gib))"]
     assert not images["train"].cached
     small = limit_samples(splits, 64, 16, seed=0)
-    images = device_images(small, image_processor, CPU, demo_args(cache_budget_gib=0.1), lines.append)
+    images, _ = device_images(small, image_processor, CPU, demo_args(cache_budget_gib=0.1), lines.append)
     assert lines[-1] == "data: caching all 96 images on cpu, decoded by 2 loader workers (0.01 GiB as uint8, " \
                         "within the 0.10 GiB budget (--cache_budget_gib))"
     assert images["validation"].cached and len(images["validation"]) == 16

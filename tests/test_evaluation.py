@@ -17,7 +17,8 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     from colossalai.booster import Booster
     from colossalai.booster.plugin import TorchDDPPlugin
 
-    from data import Decoder, label_names, load_splits, split_images
+    from data import Decoder, label_names, load_splits
+    from test_data import decoded
     from vit_train_demo import Boosted, Topology, evaluate, load_model
 
     # a bounded timeout: a rank that never arrives fails the test in two minutes instead of hanging CI
@@ -29,8 +30,8 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     image_processor, model = load_model(argparse.Namespace(model_name_or_path=str(MODEL_DIR), tp_size=1,
                                                            pp_size=1), names)
     device = torch.device("cpu")
-    validation = split_images({"validation": splits["validation"]}, Decoder(image_processor), device, cached=True,
-                              num_workers=0, skip_unreadable=False)["validation"]
+    validation = decoded({"validation": splits["validation"]}, Decoder(image_processor), device, cached=True,
+                         num_workers=0, skip_unreadable=False)["validation"]
     plugin = TorchDDPPlugin()
     booster = Booster(plugin=plugin)
     model, *_ = booster.boost(model)
