@@ -66,7 +66,7 @@ def test_cached_and_streamed_batches_are_the_same(image_processor):
     decoder = Decoder(image_processor)
     children = set(psutil.Process().children())
     cached, fill_caches = split_images(splits, decoder, CPU, True, num_workers=2, skip_unreadable=False, chunk_size=7)
-    # the workers start in the calling thread (forked from a background thread, one hung the run) ...
+    # the workers start in the calling thread (forked from a background thread, they hung a run) ...
     assert len(set(psutil.Process().children()) - children) == 2
     with ThreadPoolExecutor(max_workers=1) as background:  # ... which is where a run fills the caches
         background.submit(fill_caches).result()

@@ -27,7 +27,7 @@ def test_plugin_reaches_published_accuracy_on_one_gpu(tmp_path, plugin):
         shutil.copy(output_path / "results.json", os.path.join(os.environ["GPU_RESULTS_DIR"], f"{plugin}.json"))
     check_schema(results, num_epoch=5)
     assert results["config"]["plugin"] == plugin and results["config"]["device"].startswith("cuda")
-    # said from a background thread while the booster is built (and gemini's optimizer swaps stdout)
+    # said once, before the booster is built (gemini's optimizer swaps stdout while it is)
     assert "\ndata: caching all 1295 images on cuda:0" in run.stdout
     validation = results["epochs"][-1]["validation"]
     assert validation["num_examples"] == 133 and validation["accuracy"] >= 0.96
