@@ -420,16 +420,16 @@ def check_output_path(args):
 def boost(model, splits, image_processor, device, args, setup_ends):
     """Sets the booster up while the images decode (in loader worker processes; a background thread collects them).
     Returns what the booster made of the model, the device images of each split and the steps of an epoch."""
+    plugin, booster = build_booster(model, args, device)
+    topology = Topology(plugin)
+    steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size
+    if steps_per_epoch == 0:  # said before any image is decoded
+        raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger "
+                       f"than the {len(splits['train'])} training images; lower --batch_size")
     announce = print if dist.get_rank() == 0 else lambda line: None
     images, fill_caches = device_images(splits, image_processor, device, args, announce=announce)
     with ThreadPoolExecutor(max_workers=1) as background:
         decoding = background.submit(fill_caches)
-        plugin, booster = build_booster(model, args, device)
-        topology = Topology(plugin)
-        steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size
-        if steps_per_epoch == 0:
-            raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger "
-                           f"than the {len(splits['train'])} training images; lower --batch_size")
         optimizer = build_optimizer(model, args)
         total_steps = steps_per_epoch * args.num_epoch
         lr_scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=total_steps,

@@ -186,6 +186,7 @@ def test_each_accepted_dataset_form_trains_end_to_end(tmp_path, form):
     ("--dataset", str(ROOT / ".ci"), f"error: {ROOT / '.ci'} holds none of the accepted dataset layouts (found: run)"),
     ("--model_name_or_path", "/no/such/model", "error: cannot load model '/no/such/model'"),
     ("--output_path", "/proc/results", "error: cannot create --output_path /proc/results"),
+    ("--batch_size", "2000", "error: --batch_size 2000 x 1 data-parallel ranks is larger than the 1034 training images"),
 ])
 def test_bad_input_stops_with_one_line_naming_it(tmp_path, flag, value, message):
     paths = {"--dataset": str(BEANS_DIR), "--model_name_or_path": str(MODEL_DIR),
@@ -197,6 +198,7 @@ def test_bad_input_stops_with_one_line_naming_it(tmp_path, flag, value, message)
     assert run.returncode == 1
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith(message) and "Traceback" not in run.stderr
+    assert "\ndata:" not in run.stdout  # said before any image is decoded
 
 
 def test_a_checkpoint_without_a_classification_head_gets_one(tmp_path):
