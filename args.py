@@ -2,20 +2,18 @@
 
 The defaults start from the settings of the published results table (gemini, batch 32, 5 epochs, weight decay 0.5)
 with a schedule that suits 5 epochs (peak learning rate 3e-4 after a warm-up of 0.1 of the steps, where the table
-has 1e-4 and 0.3), light augmentation and label smoothing 0.1: the README's ablation shows what each bought.
+has 1e-4 and 0.3), light augmentation and label smoothing 0.1: docs/benchmarks.md's accuracy ablation shows what each bought.
 """
 import argparse
 import os
 
 import torch
 
-PLUGINS = ("torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel")
-CPU_PLUGINS = ("torch_ddp",)
-PRECISIONS = ("bf16", "fp16", "fp32")
-FP32_PLUGINS = ("torch_ddp", "low_level_zero", "hybrid_parallel")  # gemini keeps its weights in 16 bits
+from plugins import (OFFLOADS, PLUGINS, PRECISIONS, PluginSettings, default_precision, model_parallel_error,
+                     precision_error, settings_error)
+
+
 DATA_MODES = ("auto", "cache", "stream")
-OFFLOADS = ("none", "optimizer", "all")
-OFFLOAD_PLUGINS = {"optimizer": ("low_level_zero", "gemini", "hybrid_parallel"), "all": ("gemini",)}
 
 
 def positive_int(text):
@@ -97,7 +95,7 @@ def build_parser():
                         help="leave out unreadable images, counted and named in results.json, instead of stopping")
     parser.add_argument("--output_path", default="./output_model",
                         help="where the fine-tuned model, its image processor and results.json are written")
-    parser.add_argument("--plugin", default="gemini", choices=PLUGINS, help="Colossal-AI booster plugin")
+    parser.add_argument("--plugin", default="gemini", choices=list(PLUGINS), help="Colossal-AI booster plugin")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="training precision (default: bf16 on a GPU, fp16 for torch_ddp_fp16 and with --offload, "
                         "fp32 on the CPU)")
@@ -151,9 +149,9 @@ def build_parser():
 def parse_demo_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.plugin != "hybrid_parallel" and (args.tp_size > 1 or args.pp_size > 1):
-        parser.error(f"--tp_size {args.tp_size} --pp_size {args.pp_size} need --plugin hybrid_parallel "
-                     f"(got --plugin {args.plugin})")
+    on_gpu = torch.cuda.is_available()
+    if error := model_parallel_error(plugin_settings(args)):
+        parser.error(error)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size % (args.tp_size * args.pp_size) != 0:
         parser.error(f"--tp_size {args.tp_size} x --pp_size {args.pp_size} = {args.tp_size * args.pp_size} "
@@ -167,7 +165,7 @@ def parse_demo_args(argv=None):
         if not fitting:
             parser.error(f"--batch_size {args.batch_size} is fewer images than the --pp_size {args.pp_size} pipeline "
                          f"stages, each of which needs a microbatch; raise --batch_size to at least {args.pp_size}")
-        if args.microbatch_size is None:  # the fewest microbatches, the largest steps: fastest (BENCHMARKS.md)
+        if args.microbatch_size is None:  # the fewest microbatches, the largest steps: fastest (benchmarks/results)
             args.microbatch_size = fitting[0]
         if args.microbatch_size not in fitting:
             parser.error(f"--microbatch_size {args.microbatch_size} does not split --batch_size {args.batch_size} "
@@ -176,49 +174,35 @@ def parse_demo_args(argv=None):
     if args.skip_unreadable and args.pp_size > 1:  # Colossal-AI's pipeline schedule takes one batch size only
         parser.error(f"--skip_unreadable leaves a batch short of an unreadable image, and a pipeline (--pp_size "
                      f"{args.pp_size}) trains only whole batches; remove the unreadable images, or drop --pp_size")
-    if args.plugin not in CPU_PLUGINS and not torch.cuda.is_available():
-        parser.error(f"--plugin {args.plugin} needs a CUDA GPU and none is available; "
-                     f"on the CPU use --plugin {' or '.join(CPU_PLUGINS)}")
-    if args.max_gpu_memory_gib is not None and not torch.cuda.is_available():
+    if error := settings_error(plugin_settings(args), on_gpu):
+        parser.error(error)
+    if args.max_gpu_memory_gib is not None and not on_gpu:
         parser.error(f"--max_gpu_memory_gib {args.max_gpu_memory_gib:g} caps GPU memory and no CUDA GPU is available; "
                      "drop it on the CPU")
-    if args.offload != "none" and args.plugin not in OFFLOAD_PLUGINS[args.offload]:
-        parser.error(f"--plugin {args.plugin} cannot --offload {args.offload}; use --plugin "
-                     f"{' or '.join(OFFLOAD_PLUGINS[args.offload])}" +
-                     (" (low_level_zero and hybrid_parallel offload only the optimizer)" if args.offload == "all" else ""))
-    if args.offload_fraction != 1 and (args.plugin != "gemini" or args.offload == "none"):
-        parser.error(f"--offload_fraction {args.offload_fraction:g} splits what gemini offloads; it needs --plugin gemini "
-                     "with --offload optimizer or all")
-    if args.precision is None:
-        on_gpu = torch.cuda.is_available()
-        # Colossal-AI's CPU Adam kernel reads fp32 and fp16 gradients; bf16 ones go through a far slower PyTorch
-        # fallback (BENCHMARKS.md: models larger than the GPU)
-        fp16 = args.plugin == "torch_ddp_fp16" or args.offload != "none"
-        args.precision = "fp16" if fp16 else "bf16" if on_gpu else "fp32"
     if args.cache_budget_gib is not None and args.data_mode != "auto":
         parser.error(f"--cache_budget_gib decides between caching and streaming, which --data_mode {args.data_mode} "
                      "has already decided; drop one of them")
-    if args.plugin == "torch_ddp_fp16" and args.precision != "fp16":
-        parser.error(f"--plugin torch_ddp_fp16 trains in fp16, not --precision {args.precision}; "
-                     f"use --plugin torch_ddp --precision {args.precision}")
-    if args.precision == "fp32" and args.plugin not in FP32_PLUGINS:
-        parser.error(f"--plugin {args.plugin} trains in bf16 or fp16, not --precision fp32")
-    if args.offload != "none" and args.plugin == "hybrid_parallel" and args.precision == "fp32":
-        parser.error("--plugin hybrid_parallel offloads through ZeRO, which trains in bf16 or fp16, not --precision fp32")
-    if args.precision != "fp32" and not torch.cuda.is_available():
-        parser.error(f"--precision {args.precision} needs a CUDA GPU and none is available; "
-                     "on the CPU use --precision fp32")
+    if args.precision is None:
+        args.precision = default_precision(args.plugin, args.offload, on_gpu)
+    if error := precision_error(plugin_settings(args), on_gpu):
+        parser.error(error)
     return args
 
 
-def layout_error(args, config):
+def plugin_settings(args):
+    """What the flags ask of the plugin."""
+    return PluginSettings(args.plugin, args.precision, args.offload, args.offload_fraction, args.tp_size, args.pp_size,
+                          args.microbatch_size)
+
+
+def layout_error(config, tp_size, pp_size, model_name):
     """Why the model of `config` cannot be split as --tp_size and --pp_size say, or None if it can."""
     heads, labels = config.num_attention_heads, config.num_labels
-    if heads % args.tp_size or labels % args.tp_size:  # Colossal-AI splits the heads and the classifier's outputs
+    if heads % tp_size or labels % tp_size:  # Colossal-AI splits the heads and the classifier's outputs
         sizes = [str(size) for size in range(1, min(heads, labels) + 1) if heads % size == 0 and labels % size == 0]
-        return (f"--tp_size {args.tp_size} does not divide both the {heads} attention heads and the {labels} labels "
-                f"of {args.model_name_or_path} (tensor parallelism splits each); pick one of: {', '.join(sizes)}")
-    if args.pp_size > config.num_hidden_layers:
-        return (f"--pp_size {args.pp_size} is more pipeline stages than the {config.num_hidden_layers} layers of "
-                f"{args.model_name_or_path}; pick at most {config.num_hidden_layers}")
+        return (f"--tp_size {tp_size} does not divide both the {heads} attention heads and the {labels} labels "
+                f"of {model_name} (tensor parallelism splits each); pick one of: {', '.join(sizes)}")
+    if pp_size > config.num_hidden_layers:
+        return (f"--pp_size {pp_size} is more pipeline stages than the {config.num_hidden_layers} layers of "
+                f"{model_name}; pick at most {config.num_hidden_layers}")
     return None

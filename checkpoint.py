@@ -2,9 +2,10 @@
 
 A checkpoint is a folder `<output_path>/checkpoints/step_<global step>/` holding the model and optimizer (sharded
 as each plugin saves them), the learning-rate scheduler, and one `state_rank<r>.pt` per process with the training
-progress and that process's random-number-generator states. It is written under a `.partial` name and renamed
+state (TrainingState) and that process's random-number-generator states. It is written under a `.partial` name and renamed
 when every process has finished, so a run killed while saving leaves the previous checkpoint as the latest.
 """
+import dataclasses
 import glob
 import os
 import pickle
@@ -16,9 +17,32 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
-from data import RunError
+from errors import RunError
+from plugins import restore_optimizer
 
 PARTIAL = ".partial"
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Where training stands and what it has measured: what a checkpoint holds beside the weights, so that a resumed
+    run goes on and reports as the uninterrupted one would."""
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0
+    global_step: int = 0
+    images_trained: int = 0  # by all data-parallel ranks together
+    train_seconds: float = 0.0  # training steps only: checkpoints and evaluations left out
+    evaluation_seconds: float = 0.0
+    epoch_start_images: int = 0  # images_trained and train_seconds when this epoch started
+    epoch_start_seconds: float = 0.0
+    epoch_loss_sum: float = 0.0  # this epoch's, on this rank
+    epoch_data_wait: float = 0.0  # seconds this epoch's steps waited for their images
+    epochs: list = dataclasses.field(default_factory=list)  # each finished epoch's results
+    unreadable: list = dataclasses.field(default_factory=list)  # images left out (--skip_unreadable)
+
+    def start_epoch(self, epoch):
+        self.epoch, self.step_in_epoch, self.epoch_loss_sum, self.epoch_data_wait = epoch, 0, 0.0, 0.0
+        self.epoch_start_images, self.epoch_start_seconds = self.images_trained, self.train_seconds
 
 
 def checkpoint_root(output_path):
@@ -42,8 +66,10 @@ def write_errors_named(path):
         raise RunError(f"cannot write {path}: {reason}; free some disk space or pass another --output_path") from None
 
 
-def save_checkpoint(booster, model, optimizer, lr_scheduler, progress, output_path, keep):
-    final = os.path.join(checkpoint_root(output_path), f"step_{progress['global_step']:07d}")
+def save_checkpoint(boosted, state, output_path, keep):
+    """Writes `boosted` (plugins.Boosted) and `state` as checkpoint step_<global step>, keeping the `keep` newest."""
+    booster = boosted.booster
+    final = os.path.join(checkpoint_root(output_path), f"step_{state.global_step:07d}")
     partial = final + PARTIAL
     rank = dist.get_rank()
     with write_errors_named(partial):
@@ -52,12 +78,12 @@ def save_checkpoint(booster, model, optimizer, lr_scheduler, progress, output_pa
                 shutil.rmtree(stale)
             os.makedirs(partial)
         dist.barrier()
-        booster.save_model(model, os.path.join(partial, "model"), shard=True, use_safetensors=True)
+        booster.save_model(boosted.model, os.path.join(partial, "model"), shard=True, use_safetensors=True)
         # Colossal-AI 0.5.0 loads a sharded optimizer with a synchronize() that only CUDA has
-        booster.save_optimizer(optimizer, os.path.join(partial, "optimizer"), shard=torch.cuda.is_available())
-        booster.save_lr_scheduler(lr_scheduler, os.path.join(partial, "lr_scheduler.pt"))
+        booster.save_optimizer(boosted.optimizer, os.path.join(partial, "optimizer"), shard=torch.cuda.is_available())
+        booster.save_lr_scheduler(boosted.lr_scheduler, os.path.join(partial, "lr_scheduler.pt"))
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        torch.save({"progress": progress, "rng": rng, "world_size": dist.get_world_size()},
+        torch.save({"progress": dataclasses.asdict(state), "rng": rng, "world_size": dist.get_world_size()},
                    os.path.join(partial, f"state_rank{rank}.pt"))
         dist.barrier()
         if rank == 0:
@@ -80,9 +106,9 @@ def resolve_resume(resume_from, output_path):
     return resume_from
 
 
-def load_checkpoint(booster, model, optimizer, lr_scheduler, checkpoint, fresh_progress):
-    """Restores the model, optimizer, scheduler and this process's RNG states; returns the training progress,
-    which must hold everything `fresh_progress` (a new run's) does."""
+def load_checkpoint(boosted, checkpoint, plugin):
+    """Restores `boosted` (plugins.Boosted, trained with `plugin`) and this process's RNG states; returns the
+    TrainingState."""
     state_file = os.path.join(checkpoint, f"state_rank{dist.get_rank()}.pt")
     if not os.path.isfile(state_file):
         raise RunError(f"{checkpoint} was written by another number of processes (no {os.path.basename(state_file)}); "
@@ -97,19 +123,14 @@ def load_checkpoint(booster, model, optimizer, lr_scheduler, checkpoint, fresh_p
     if state["world_size"] != dist.get_world_size():
         raise RunError(f"{checkpoint} was written by {state['world_size']} processes, this run has "
                        f"{dist.get_world_size()}; resume with the GPUNUM it was written with")
-    missing = sorted(set(fresh_progress) - set(state["progress"]))
+    missing = [field.name for field in dataclasses.fields(TrainingState) if field.name not in state["progress"]]
     if missing:
         raise RunError(f"{checkpoint} was written by another version of this example (its progress has no "
                        f"{', '.join(missing)}); resume it with that version, or start afresh in another output path")
-    booster.load_model(model, os.path.join(checkpoint, "model"))
-    booster.load_optimizer(optimizer, os.path.join(checkpoint, "optimizer"))
-    # Colossal-AI 0.5.0 restores the step counts of low_level_zero's and hybrid_parallel's optimizers on the CPU;
-    # PyTorch's fused AdamW takes them only beside their parameters
-    for parameter, parameter_state in optimizer.optim.state.items():
-        if torch.is_tensor(parameter_state.get("step")):
-            parameter_state["step"] = parameter_state["step"].to(parameter.device)
-    booster.load_lr_scheduler(lr_scheduler, os.path.join(checkpoint, "lr_scheduler.pt"))
+    boosted.booster.load_model(boosted.model, os.path.join(checkpoint, "model"))
+    restore_optimizer(boosted.booster, boosted.optimizer, os.path.join(checkpoint, "optimizer"), plugin)
+    boosted.booster.load_lr_scheduler(boosted.lr_scheduler, os.path.join(checkpoint, "lr_scheduler.pt"))
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state["progress"]
+    return TrainingState(**state["progress"])

@@ -12,7 +12,8 @@ import torch
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from transformers import AutoImageProcessor, pipeline
 
-from data import RunError, open_rgb
+from errors import RunError
+from images import open_rgb
 
 
 def parse_args(argv=None):

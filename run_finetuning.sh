@@ -29,7 +29,7 @@ SAVE_EVERY=${SAVE_EVERY:-0}                  # checkpoint every this many steps 
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-1}      # newest checkpoints kept in OUTPUT_PATH/checkpoints (0: none)
 MAX_GPU_MEMORY_GIB=${MAX_GPU_MEMORY_GIB:-}   # most GPU memory each process may take (to share a GPU; default: all)
 OFFLOAD=${OFFLOAD:-none}                     # model larger than the GPU: optimizer (low_level_zero, gemini,
-                                             # hybrid_parallel) or all (gemini) to host memory (README: big models)
+                                             # hybrid_parallel) or all (gemini) to host memory (docs/big-models.md)
 OFFLOAD_FRACTION=${OFFLOAD_FRACTION:-1}      # gemini: the share of it on the host (lower is faster while it fits)
 GRAD_CHECKPOINT=${GRAD_CHECKPOINT:-0}        # 1: recompute activations in the backward pass (less memory)
 RESUME=${RESUME:-}                           # 'latest' or a checkpoint folder to continue from
@@ -79,7 +79,7 @@ demo=(vit_train_demo.py
 
 # each process's share of the cores for PyTorch's CPU threads (torchrun would give each process one, and say so)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / GPUNUM > 1 ? $(nproc) / GPUNUM : 1 ))}
-if [ "$LAUNCHER" = auto ]; then  # a launcher takes seconds to start (README), and one process needs none
+if [ "$LAUNCHER" = auto ]; then  # a launcher takes seconds to start (benchmarks/results), and one process needs none
   LAUNCHER=$([ "$GPUNUM" = 1 ] && [ -z "$HOSTFILE" ] && echo python || echo colossalai)
 fi
 case "$LAUNCHER" in
@@ -95,9 +95,10 @@ case "$LAUNCHER" in
     echo "error: LAUNCHER=$LAUNCHER is not a launcher; choose auto, colossalai, torchrun or python" >&2
     exit 2 ;;
 esac
-# whether colossalai is installed, vit_train_demo.py says itself (a Python start to ask here would take 0.4 s)
-if ! command -v "${launch[0]}" >/dev/null; then
-  echo "error: ${launch[0]} is not installed: run 'pip install -r requirements.txt' first" >&2
+# the colossalai package installs the colossalai command: asking PATH for it takes no Python start (0.4 s)
+command=$([ "$LAUNCHER" = torchrun ] && echo torchrun || echo colossalai)
+if ! command -v "$command" >/dev/null; then
+  echo "error: $command is not installed: run 'pip install -r requirements.txt' first" >&2
   exit 1
 fi
 if [ -n "$HOSTFILE" ] && [ "$LAUNCHER" != colossalai ]; then
@@ -111,5 +112,5 @@ fi
 if [ "$VERBOSE" = 1 ] || [ "$LAUNCHER" = python ]; then
   "${launch[@]}" "${demo[@]}"
 else
-  python3 tidy_launch.py "${launch[@]}" "${demo[@]}"
+  python3 tools/tidy_launch.py "${launch[@]}" "${demo[@]}"
 fi

@@ -82,7 +82,7 @@ def test_a_layout_the_model_cannot_be_split_into_is_named():
     vit_base = ViTConfig(num_labels=3)  # 12 heads
 
     def error(tp_size, pp_size, config=deit_tiny):
-        return layout_error(argparse.Namespace(tp_size=tp_size, pp_size=pp_size, model_name_or_path="vit"), config)
+        return layout_error(config, tp_size, pp_size, "vit")
 
     assert error(1, 1) is None and error(3, 12) is None and error(3, 1, vit_base) is None
     assert error(2, 1) == ("--tp_size 2 does not divide both the 3 attention heads and the 3 labels of vit (tensor "
@@ -94,15 +94,15 @@ def test_a_layout_the_model_cannot_be_split_into_is_named():
 
 
 def test_a_layout_the_model_cannot_be_split_into_is_refused_before_its_weights_are_read(tmp_path):
-    from vit_train_demo import RunError, load_model
+    from errors import RunError
+    from vit_train_demo import load_model
 
     for name in ("config.json", "preprocessor_config.json"):  # the weights left out: reading them would fail
         (tmp_path / name).write_bytes((MODEL_DIR / name).read_bytes())
-    args = argparse.Namespace(tp_size=2, pp_size=1, model_name_or_path=str(tmp_path))
     with pytest.raises(RunError, match=r"^--tp_size 2 does not divide both the 3 attention heads and the 3 labels"):
-        load_model(args, ["angular_leaf_spot", "bean_rust", "healthy"])
+        load_model(str(tmp_path), ["angular_leaf_spot", "bean_rust", "healthy"], tp_size=2, pp_size=1)
     with pytest.raises(RunError, match=r"^cannot load model"):  # the layout fits: the missing weights are next
-        load_model(argparse.Namespace(tp_size=1, pp_size=1, model_name_or_path=str(tmp_path)), ["a", "b", "c"])
+        load_model(str(tmp_path), ["a", "b", "c"], tp_size=1, pp_size=1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")

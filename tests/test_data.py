@@ -1,4 +1,3 @@
-import argparse
 import os
 import shutil
 import time
@@ -13,8 +12,10 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from conftest import BEANS_DIR, LABELS, MODEL_DIR, copy_beans, write_hub_snapshot
-from data import (Decoder, RunError, SplitImages, device_images, epoch_batches, evaluation_batches, label_names,
-                  limit_samples, load_splits, random_resized_crop_and_flip, split_images, standardise_columns)
+from data import label_names, load_splits, random_subsets, standardise_columns
+from errors import RunError
+from images import (Decoder, SplitImages, device_images, evaluation_index_batches, random_resized_crop_and_flip,
+                    split_images, training_index_batches)
 
 CPU = torch.device("cpu")
 
@@ -35,7 +36,7 @@ def to_tensors(split, image_processor, cached=True, skip_unreadable=False):
     """Every image of `split` as model input, and its labels, through SplitImages in one batch."""
     images = decoded({"split": split}, Decoder(image_processor), CPU, cached, num_workers=1,
                      skip_unreadable=skip_unreadable)["split"]
-    pixel_values, labels, _ = next(images.batches([list(range(len(split)))]))
+    pixel_values, labels, _ = next(images.device_batches([list(range(len(split)))]))
     return pixel_values, labels
 
 
@@ -73,7 +74,7 @@ def test_cached_and_streamed_batches_are_the_same(image_processor):
     assert not set(psutil.Process().children()) - children  # and they end with the last chunk
     streamed = decoded(splits, decoder, CPU, False, num_workers=2, skip_unreadable=False)
     for name, index_batches in (("train", [[3, 1, 4], [1, 5, 9, 2, 6], [39]]), ("validation", [[12, 0, 7]])):
-        cached_batches, streamed_batches = (list(images[name].batches(index_batches)) for images in (cached, streamed))
+        cached_batches, streamed_batches = (list(images[name].device_batches(index_batches)) for images in (cached, streamed))
         for (cached_pixels, cached_labels, _), (streamed_pixels, streamed_labels, _) in zip(cached_batches,
                                                                                              streamed_batches):
             assert torch.equal(cached_pixels, streamed_pixels) and torch.equal(cached_labels, streamed_labels)
@@ -96,7 +97,7 @@ def test_a_streamed_pass_decodes_before_its_first_batch_is_asked_for(tmp_path, i
     split = load_splits(str(BEANS_DIR))["validation"].select(range(8))
     images = SplitImages(split, MarkingDecoder(image_processor, tmp_path), CPU, cached=False, num_workers=2,
                          skip_unreadable=False)
-    upcoming = images.batches([[0, 1], [2, 3]])
+    upcoming = images.device_batches([[0, 1], [2, 3]])
     deadline = time.monotonic() + 120
     while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -196,7 +197,7 @@ def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, image_proces
         to_tensors(train, image_processor, cached)
     images = decoded({"train": train}, Decoder(image_processor), CPU, cached, num_workers=1,
                      skip_unreadable=True)["train"]
-    pixel_values, labels, readable = next(images.batches([list(range(6))]))
+    pixel_values, labels, readable = next(images.device_batches([list(range(6))]))
     assert readable.tolist() == [True, True, False, True, True, True] and len(pixel_values) == len(labels) == 5
     assert torch.bincount(labels).tolist() == [2, 1, 2]
     assert [reason.split(": ")[0] for reason in images.unreadable] == [str(broken)]
@@ -296,47 +297,42 @@ def test_columns_are_found_by_type_or_named(tmp_path):
 
 def test_sample_limits_take_a_seeded_subset_of_each_split():
     splits = load_splits(str(BEANS_DIR))
-    limited = limit_samples(splits, 100, 20, seed=1)
+    limited = random_subsets(splits, 100, 20, seed=1)
     assert {name: len(split) for name, split in limited.items()} == {"train": 100, "validation": 20, "test": 20}
-    assert limited["train"]["image"] == limit_samples(splits, 100, 20, seed=1)["train"]["image"]
-    assert limit_samples(splits, None, 500, seed=1)["validation"].num_rows == 133
-
-
-def demo_args(**overrides):
-    return argparse.Namespace(**{"data_mode": "auto", "cache_budget_gib": None, "max_gpu_memory_gib": None,
-                                 "num_workers": 2, "skip_unreadable": False, **overrides})
+    assert limited["train"]["image"] == random_subsets(splits, 100, 20, seed=1)["train"]["image"]
+    assert random_subsets(splits, None, 500, seed=1)["validation"].num_rows == 133
 
 
 def test_data_over_the_cache_budget_streams_and_says_why(image_processor):
     splits = load_splits(str(BEANS_DIR))
     lines = []
-    images, _ = device_images(splits, image_processor, CPU, demo_args(cache_budget_gib=0.1), lines.append)
+    images, _ = device_images(splits, image_processor, CPU, lines.append, cache_budget_gib=0.1, num_workers=2)
     assert lines == ["data: streaming 1295 images through 2 loader workers (0.18 GiB as uint8, over the 0.10 GiB "
                      "budget (--cache_budget_gib))"]
     assert not images["train"].cached
-    small = limit_samples(splits, 64, 16, seed=0)
-    images, _ = device_images(small, image_processor, CPU, demo_args(cache_budget_gib=0.1), lines.append)
+    small = random_subsets(splits, 64, 16, seed=0)
+    images, _ = device_images(small, image_processor, CPU, lines.append, cache_budget_gib=0.1, num_workers=2)
     assert lines[-1] == "data: caching all 96 images on cpu, decoded by 2 loader workers (0.01 GiB as uint8, " \
                         "within the 0.10 GiB budget (--cache_budget_gib))"
     assert images["validation"].cached and len(images["validation"]) == 16
 
 
-def test_epoch_batches_deal_one_shuffled_order_across_ranks():
-    one = epoch_batches(40, 8, 0, 1, seed=3, epoch=2)
+def test_training_index_batches_deal_one_shuffled_order_across_ranks():
+    one = training_index_batches(40, 8, 0, 1, seed=3, epoch=2)
     assert len(one) == 5 and sorted(sum(one, [])) == list(range(40))
-    two = [epoch_batches(40, 4, rank, 2, seed=3, epoch=2) for rank in (0, 1)]
+    two = [training_index_batches(40, 4, rank, 2, seed=3, epoch=2) for rank in (0, 1)]
     # the global batch of step s is the same 8 images whatever the number of ranks
     assert all(sorted(one[step]) == sorted(two[0][step] + two[1][step]) for step in range(5))
-    assert epoch_batches(40, 8, 0, 1, seed=3, epoch=3) != one
-    assert len(epoch_batches(41, 8, 0, 1, seed=0, epoch=0)) == 5  # the last, partial batch is dropped
+    assert training_index_batches(40, 8, 0, 1, seed=3, epoch=3) != one
+    assert len(training_index_batches(41, 8, 0, 1, seed=0, epoch=0)) == 5  # the last, partial batch is dropped
 
 
-def test_evaluation_batches_cover_every_example_once_with_equal_shapes_on_every_rank():
-    shards = [evaluation_batches(133, 32, rank, 3) for rank in range(3)]
+def test_evaluation_index_batches_cover_every_example_once_with_equal_shapes_on_every_rank():
+    shards = [evaluation_index_batches(133, 32, rank, 3) for rank in range(3)]
     assert [[len(batch) for batch in shard] for shard in shards] == [[32, 13]] * 3
     positions = sorted(sum(sum(shards, []), []))
     assert positions == list(range(135))  # 133 examples and two padding positions past the end
-    whole = [evaluation_batches(133, 32, rank, 3, whole_batches=True) for rank in range(3)]
+    whole = [evaluation_index_batches(133, 32, rank, 3, whole_batches=True) for rank in range(3)]
     assert [[len(batch) for batch in shard] for shard in whole] == [[32, 32]] * 3
     assert sorted(sum(sum(whole, []), []))[:133] == list(range(133))
 

@@ -1,5 +1,4 @@
 """Evaluation over several data-parallel ranks counts every image exactly once and matches one process."""
-import argparse
 import json
 import os
 from datetime import timedelta
@@ -17,9 +16,12 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     from colossalai.booster import Booster
     from colossalai.booster.plugin import TorchDDPPlugin
 
-    from data import Decoder, label_names, load_splits
+    from data import label_names, load_splits
+    from evaluation import evaluate
+    from images import Decoder
+    from plugins import Boosted, Topology
     from test_data import decoded
-    from vit_train_demo import Boosted, Topology, evaluate, load_model
+    from vit_train_demo import load_model
 
     # a bounded timeout: a rank that never arrives fails the test in two minutes instead of hanging CI
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -27,8 +29,7 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     torch.manual_seed(0)  # the same new classification head in every run
     splits = load_splits(str(BEANS_DIR))
     names = label_names(splits, str(BEANS_DIR))
-    image_processor, model = load_model(argparse.Namespace(model_name_or_path=str(MODEL_DIR), tp_size=1,
-                                                           pp_size=1), names)
+    image_processor, model = load_model(str(MODEL_DIR), names, tp_size=1, pp_size=1)
     device = torch.device("cpu")
     validation = decoded({"validation": splits["validation"]}, Decoder(image_processor), device, cached=True,
                          num_workers=0, skip_unreadable=False)["validation"]

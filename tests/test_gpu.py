@@ -108,7 +108,8 @@ def test_gpu_batches_hold_the_pixels_the_workers_make(tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from data import Decoder, load_splits
+    from data import load_splits
+    from images import Decoder
     from test_data import decoded
 
     sizes = [(500, 500), (320, 240), (231, 301), (224, 224)]
@@ -123,8 +124,8 @@ def test_gpu_batches_hold_the_pixels_the_workers_make(tmp_path):
     index_batches = [[3, 1, 4], list(range(5, 12)), [0, 2]]
     cached, streamed = (decoded({"validation": split}, decoder, gpu, is_cached, num_workers=2,
                                 skip_unreadable=False)["validation"] for is_cached in (True, False))
-    for (cached_batch, labels, _), (streamed_batch, _, _) in zip(cached.batches(index_batches),
-                                                                 streamed.batches(index_batches)):
+    for (cached_batch, labels, _), (streamed_batch, _, _) in zip(cached.device_batches(index_batches),
+                                                                 streamed.device_batches(index_batches)):
         assert cached_batch.device.type == "cuda" and torch.equal(cached_batch, streamed_batch) and len(labels)
     on_cpu = decoded({"validation": split}, decoder, cpu, True, num_workers=2, skip_unreadable=False)["validation"]
     assert cached.pixel_values.dtype == torch.uint8 and torch.equal(cached.pixel_values.cpu(), on_cpu.pixel_values)

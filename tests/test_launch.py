@@ -104,10 +104,29 @@ def test_a_machine_without_the_packages_is_told_to_install_them_in_one_line(tmp_
     assert run.stdout == ""
 
 
+def test_importing_any_module_of_the_example_changes_nothing():
+    """Importing the example's modules defines things and nothing else: no exit, no environment or warning-filter
+    change, no library patched, Colossal-AI not loaded (startup.import_libraries loads it, from main)."""
+    modules = sorted(path.stem for path in ROOT.glob("*.py")) + ["benchmarks.step_benchmark", "tools.tidy_launch"]
+    check = ("import os, sys, warnings; import torch, datasets, transformers.pipelines; "  # they add warning filters
+             "environment, filters = dict(os.environ), list(warnings.filters); "
+             f"[__import__(module) for module in {modules!r}]; "
+             "assert dict(os.environ) == environment, 'environment changed'; "
+             "assert warnings.filters == filters, 'warning filters changed'; "
+             "assert 'colossalai.booster' not in sys.modules, 'Colossal-AI loaded'; "
+             "import transformers.utils.import_utils as utils; "
+             "assert utils._sklearn_available == utils._is_package_available('sklearn'), 'transformers patched'; "
+             "print('imported', len(sys.argv))")
+    run = subprocess.run([sys.executable, "-c", check, "--verbose"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout == "imported 2\n", run.stderr[-2000:]
+    assert {"vit_train_demo", "data", "args", "startup", "plugins", "images"} <= set(modules)
+
+
 def test_starting_leaves_pytorch_s_compiler_unloaded_and_enabled():
     """Colossal-AI's import of bitsandbytes does not pull in PyTorch's inductor (seconds of every start), and
     torch.compile still compiles what the user asks it to afterwards."""
-    check = ("import os, sys, torch, vit_train_demo; "
+    check = ("import os, sys, torch, startup; startup.import_libraries(); "
              "assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor imported'; "
              "assert 'bitsandbytes' in sys.modules, 'bitsandbytes not imported: nothing was tested'; "
              "compiled = torch.compile(lambda x: x + 1); "

@@ -15,7 +15,8 @@ import pytest
 from colossalai.testing import free_port
 
 from conftest import MODEL_DIR, ROOT, copy_beans
-from data import epoch_batches, load_splits
+from data import load_splits
+from images import training_index_batches
 
 SETTINGS = {"PLUGIN": "torch_ddp", "GPUNUM": 2, "BS": 3, "EPOCH": 2, "LR": 1e-4, "WARMUP_RATIO": 0.1,
             "SAVE_EVERY": 2, "KEEP_CHECKPOINTS": 3}
@@ -187,7 +188,7 @@ def test_streamed_run_killed_mid_epoch_then_resumed_ends_like_an_uninterrupted_s
 def break_image_met_at_step(dataset, step, batch_size):
     """Overwrites the training image that one process meets first at `step` (1-based) of the first epoch."""
     train = load_splits(str(dataset))["train"]
-    position = epoch_batches(len(train), batch_size, 0, 1, seed=42, epoch=0)[step - 1][0]
+    position = training_index_batches(len(train), batch_size, 0, 1, seed=42, epoch=0)[step - 1][0]
     broken = train[position]["image"]["path"]
     with open(broken, "wb") as file:
         file.write(b"<html>not a picture</html>")
@@ -266,12 +267,12 @@ def test_checkpoint_of_another_version_is_named(dataset, tmp_path, uninterrupted
 
     older = tmp_path / "step_older"
     shutil.copytree(complete_checkpoints(uninterrupted["config"]["output_path"])[-1], older)
-    for state_file in older.glob("state_rank*.pt"):  # as written before progress kept where its epoch started
+    for state_file in older.glob("state_rank*.pt"):  # as written before the state kept where its epoch started
         state = torch.load(state_file, weights_only=True)
-        del state["progress"]["epoch_start"]
+        del state["progress"]["epoch_start_images"]
         torch.save(state, state_file)
     returncode, output = finish(start_run(dataset, tmp_path / "model", RESUME=older))
     assert returncode == 1 and "Traceback" not in output
     assert output.strip().splitlines()[-1] == (
-        f"error: {older} was written by another version of this example (its progress has no epoch_start); resume "
+        f"error: {older} was written by another version of this example (its progress has no epoch_start_images); resume "
         "it with that version, or start afresh in another output path")

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU figure of BENCHMARKS.md in one go, on a freshly installed GPU machine: the one-off build of
+# Reproduces every GPU figure of benchmarks/results/ in one go, on a freshly installed GPU machine: the one-off build of
 # Colossal-AI's Adam kernels, the start-up of each launcher, the Hugging Face recipe (hf_recipe.py, writing nothing
 # and writing a checkpoint each epoch and the model, as the example does) and then
 # run_finetuning.sh for each plugin with the example's defaults (gemini first, as a new user's first run), each
 # timed from the shell, then the training-step benchmark with a profile of each configuration.
-#   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash run_device_benchmarks.sh [PART]
+#   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash benchmarks/reproduce_gpu_figures.sh [PART]
 # PART: end_to_end, steps, both (the default: end_to_end then steps), autotune (the batch-128 references with
 # inductor's autotuning as well: about 5 minutes), or streaming (about 6 minutes on an H100: a 52,000-image folder of 500x500
 # JPEGs made from beans, trained on for two epochs by a random-weight ViT-B/16 at batch 128 with torch_ddp, streamed
 # and cached, beside the same plugin's synthetic-batch rate and the Hugging Face recipe on the same folder).
 # largest (about 35 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT from g/14 to
-# 8B/14 (vit_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin without
+# 8B/14 (step_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin without
 # and with offload), then the offloading ones at ViT-G/14.
 # Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
 # profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log; for largest largest.json,
 # vit_g.json and their .log and _logs/.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the example's folder, where relative paths given here are read
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
 PLUGINS=${PLUGINS:-gemini torch_ddp torch_ddp_fp16 low_level_zero hybrid_parallel}
 GPUNUM=${GPUNUM:-1}
@@ -27,15 +27,15 @@ case "$PART" in
   end_to_end | steps | both | autotune | streaming | largest) ;;
   *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming or largest" >&2; exit 2 ;;
 esac
-# the README's install step: Colossal-AI's CPU and GPU Adam kernels, built once, in one process
+# the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
 BUILD_KERNELS="from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
 CPUAdamLoader().load(); FusedOptimizerLoader().load()"
 mkdir -p "$LOG_DIR"
 
-step_table() {  # NAME VARIABLE=VALUE...: run_benchmark.sh with those variables, into LOG_DIR/NAME.json and .log
+step_table() {  # NAME VARIABLE=VALUE...: run_step_benchmark.sh with those variables, into LOG_DIR/NAME.json and .log
   local name=$1
   shift
-  env "$@" OUTPUT="$LOG_DIR/$name.json" bash run_benchmark.sh 2>&1 | tee "$LOG_DIR/$name.log" | grep -v Warning
+  env "$@" OUTPUT="$LOG_DIR/$name.json" bash benchmarks/run_step_benchmark.sh 2>&1 | tee "$LOG_DIR/$name.log" | grep -v Warning
 }
 
 seconds_of() {  # wall seconds of a command, its output appended to end_to_end.log
@@ -57,7 +57,7 @@ if [ "$PART" = end_to_end ] || [ "$PART" = both ]; then
   # the reference: Hugging Face's recipe with the same model, data and settings (bs 32, 5 epochs, lr 3e-4, ...),
   # writing nothing (recipe) and writing a checkpoint each epoch and the model, as the example does (recipe_saving)
   recipe() {  # NAME [--save]
-    python3 hf_recipe.py --model_name_or_path "$MODEL" --dataset "$DATASET" --eval_every_epoch "${@:2}" \
+    python3 benchmarks/hf_recipe.py --model_name_or_path "$MODEL" --dataset "$DATASET" --eval_every_epoch "${@:2}" \
       --output_path "$RUN_ROOT/hf_$1_$repeat" >"$RUN_ROOT/$1_$repeat.json"
   }
   # in turns, the recipes then each plugin, REPEATS times: a drift of the machine's speed touches them all alike
@@ -158,7 +158,7 @@ if [ "$PART" = streaming ]; then
   python3 -c "import sys; from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification as V
 V(ViTConfig(num_labels=3)).save_pretrained(sys.argv[1]); AutoImageProcessor.from_pretrained(sys.argv[2]).save_pretrained(sys.argv[1])" \
     "$vit_b" "$MODEL"
-  echo "generating: $(seconds_of python3 synthesize_dataset.py --source "$DATASET" --output "$LARGE_DATASET" \
+  echo "generating: $(seconds_of python3 benchmarks/synthesize_dataset.py --source "$DATASET" --output "$LARGE_DATASET" \
     --train "$STREAM_TRAIN_IMAGES" --eval "$STREAM_EVAL_IMAGES") s"
   same=(PLUGIN=torch_ddp GPUNUM=1 BS="$STREAM_BS" EPOCH="$STREAM_EPOCHS" MODEL="$vit_b" KEEP_CHECKPOINTS=0)
   runs=("cache large_beans default" "stream beans default")
@@ -172,7 +172,7 @@ V(ViTConfig(num_labels=3)).save_pretrained(sys.argv[1]); AutoImageProcessor.from
     echo "example, $mode, $data, $workers workers: $wall s"
     echo "$name $mode $data $wall" >>"$RUN_ROOT/streaming_walls"
   done
-  wall=$(seconds_of sh -c "python3 hf_recipe.py --model_name_or_path $vit_b --dataset $LARGE_DATASET \
+  wall=$(seconds_of sh -c "python3 benchmarks/hf_recipe.py --model_name_or_path $vit_b --dataset $LARGE_DATASET \
     --batch_size $STREAM_BS --num_epoch 1 --output_path $RUN_ROOT/hf_recipe >$RUN_ROOT/hf_recipe.json")
   echo "Hugging Face recipe, large_beans: $wall s"
   step_table synthetic CONFIGURATIONS=torch_ddp BATCH_SIZES="$STREAM_BS"
@@ -203,7 +203,7 @@ rows["Hugging Face recipe (8 workers), large_beans"] = {
     "data_wait_share": None,
     "setup_seconds": recipe["setup_seconds"], "peak_host_gib": recipe["peak_host_gib"],
     "peak_gpu_gib": recipe["peak_gpu_gib"], "validation_accuracy": recipe["validation_accuracy"]}
-print(f"torch_ddp synthetic batches (vit_benchmark.py): {synthetic_rate:.0f} images/s")
+print(f"torch_ddp synthetic batches (step_benchmark.py): {synthetic_rate:.0f} images/s")
 print("| run | train images | epochs | images/s, whole run | images/s, last epoch | last epoch vs synthetic | "
       "data wait share | setup s | wall s | peak host GiB | peak GPU GiB | validation accuracy |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

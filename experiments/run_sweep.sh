@@ -3,9 +3,9 @@
 # rate in LR_LIST, with its published settings (gemini, 5 epochs, weight decay 0.5, warm-up 0.3, no augmentation
 # or label smoothing), then a markdown table of the final epoch's average training loss, and the loss and accuracy
 # on all validation and test images. Every run_finetuning.sh variable works here too:
-#   BS_LIST="8 16 32" LR_LIST="1e-4 2e-4 5e-4" DATASET=/path/to/beans MODEL=/path/to/model bash run_sweep.sh
+#   BS_LIST="8 16 32" LR_LIST="1e-4 2e-4 5e-4" DATASET=/path/to/beans MODEL=/path/to/model bash experiments/run_sweep.sh
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the example's folder, where relative paths given here are read
 BS_LIST=${BS_LIST:-8 16 32}
 LR_LIST=${LR_LIST:-1e-4 2e-4 5e-4}
 OUTPUT_ROOT=${OUTPUT_PATH:-./output_sweep}  # each run goes to OUTPUT_ROOT/bs<batch>_lr<rate>, its log beside it

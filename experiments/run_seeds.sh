@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs run_finetuning.sh once per seed and reports the accuracy over the seeds: median, mean and spread of the
 # final epoch's validation and test accuracy, and of the test accuracy at the epoch chosen on validation.
-# Every run_finetuning.sh variable works here too: SEEDS=0,1,2 PLUGIN=torch_ddp bash run_seeds.sh --augment
+# Every run_finetuning.sh variable works here too: SEEDS=0,1,2 PLUGIN=torch_ddp bash experiments/run_seeds.sh --augment
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the example's folder, where relative paths given here are read
 SEEDS=${SEEDS:-0,1,2}
 OUTPUT_ROOT=${OUTPUT_PATH:-./output_seeds}   # each seed's run goes to OUTPUT_ROOT/seed_<seed>
 

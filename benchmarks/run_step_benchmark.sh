@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Times training steps of a ViT (ViT-B/16 unless MODEL_SIZES says) for each plugin and for plain PyTorch (eager and
 # compiled) in one run, and prints the table (also written to OUTPUT). Variables can be overridden:
-#   BATCH_SIZES=128 bash run_benchmark.sh
+#   BATCH_SIZES=128 bash benchmarks/run_step_benchmark.sh
 # CONFIGURATIONS may also name torch_compile_max_autotune (about 4.5 minutes of autotuning for ViT-B/16), a plugin
 # with what it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer), and DeepSpeed with offload
 # (deepspeed_zero2_offload, deepspeed_zero3_offload; if installed), the peer for models larger than the GPU.
 # LARGEST=1 is the memory mode: each configuration's largest model of MODEL_SIZES that trains, for example
 #   LARGEST=1 MAX_GPU_MEMORY_GIB=24 GRAD_CHECKPOINT=1 BATCH_SIZES=32 MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14 \
-#   CONFIGURATIONS=torch,deepspeed_zero2_offload,gemini:all bash run_benchmark.sh
+#   CONFIGURATIONS=torch,deepspeed_zero2_offload,gemini:all bash benchmarks/run_step_benchmark.sh
 # Without a GPU it times a tiny ViT on the CPU (torch and torch_ddp only), which checks the script, not the speed.
 set -euo pipefail
-cd "$(dirname "$0")"
+# the benchmark imports the example's modules; paths given stay relative to where this is run from
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 CONFIGURATIONS=${CONFIGURATIONS:-torch,torch_compile,torch_ddp,torch_ddp_fp16,low_level_zero,gemini,hybrid_parallel}
 MODEL_SIZES=${MODEL_SIZES:-}       # tiny, B/16, L/16, H/14, g/14, G/14, e/14, 5.5B/14, 6.5B/14, 8B/14 (default: B/16, tiny on CPU)
@@ -28,7 +29,7 @@ if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; th
   echo "No CUDA GPU found: timing a tiny ViT on the CPU."
   CONFIGURATIONS=torch,torch_ddp MODEL_SIZES=${MODEL_SIZES:-tiny}
 fi
-benchmark=(vit_benchmark.py
+benchmark=(-m benchmarks.step_benchmark
   --configurations "$CONFIGURATIONS"
   --model_sizes "${MODEL_SIZES:-B/16}"
   --batch_sizes "$BATCH_SIZES"

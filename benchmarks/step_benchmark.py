@@ -1,8 +1,8 @@
 """Training-step throughput of a ViT under each Colossal-AI plugin, against plain PyTorch measured in the same run.
 
 Times whole training steps (forward, backward, optimizer) of ViTs of random weights on synthetic batches already on
-the device, after warm-up, with the example's own plugin, offload and optimizer settings (build_booster,
-build_optimizer of vit_train_demo.py): a configuration is a plugin, optionally with what it offloads,
+the device, after warm-up, with the example's own plugin, offload and optimizer settings (plugins.py, as the
+training script builds them): a configuration is a plugin, optionally with what it offloads,
 `plugin:offload[:fraction]` (gemini:optimizer:0.5). The references are a plain PyTorch model with bf16 autocast,
 SDPA attention and fused AdamW, eager and compiled (torch_compile_max_autotune also autotunes the matrix
 multiplications: about 4.5 minutes of warm-up for ViT-B/16, so it runs only when asked for); they run in
@@ -12,8 +12,10 @@ deepspeed_zero3_offload), the peer a user would pick instead to train a model la
 --largest is the memory mode: for each configuration, the sizes of --model_sizes from the largest down, each in a
 process of its own (so that each has its own peak host memory, and running out spoils nothing), until one trains
 under --max_gpu_memory_gib; a size that cannot fit the host's or the GPU's memory whatever the batch is not tried.
---profile writes where each configuration's step spends its GPU and CPU time. Launch through run_benchmark.sh, or
-`torchrun --standalone --nproc_per_node N vit_benchmark.py ...` to time the plugins data-parallel over N GPUs.
+--profile writes where each configuration's step spends its GPU and CPU time. Launch through
+benchmarks/run_step_benchmark.sh, or from the example's folder as
+`torchrun --standalone --nproc_per_node N -m benchmarks.step_benchmark ...` to time the plugins data-parallel over N
+GPUs.
 """
 import argparse
 import collections
@@ -39,13 +41,14 @@ from colossalai.accelerator import get_accelerator
 from colossalai.testing import free_port
 from transformers import ViTConfig, ViTForImageClassification
 
-from args import OFFLOADS, PLUGINS, parse_demo_args
-from vit_train_demo import (SINGLE_PROCESS_ENV, Boosted, Topology, build_booster, build_optimizer, cap_gpu_memory,
-                            forward_backward, plain_cross_entropy)
+from devices import SINGLE_PROCESS_ENV, cap_gpu_memory
+from evaluation import cross_entropy
+from plugins import (OFFLOADS, PLUGINS, Boosted, PluginSettings, Topology, build_booster, build_optimizer,
+                     default_precision, forward_backward, precision_error, settings_error)
 
 REFERENCES = ("torch", "torch_compile", "torch_compile_max_autotune")
 PEERS = ("deepspeed_zero2_offload", "deepspeed_zero3_offload")
-DEFAULT_CONFIGURATIONS = ("torch", "torch_compile") + PLUGINS  # max-autotune only on request: minutes of tuning
+DEFAULT_CONFIGURATIONS = ("torch", "torch_compile", *PLUGINS)  # max-autotune only on request: minutes of tuning
 # hidden size, layers, MLP size, attention heads, patch size: ViT-B/L/H (Dosovitskiy et al.), g/G (Zhai et al.),
 # e (PaLI), and larger ones: InternViT-6B's shape (5.5B parameters at 224 pixels), 6.5B and 8B; tiny, a 32-pixel ViT
 # for a quick run on the CPU
@@ -67,10 +70,17 @@ def parse_configuration(name):
     return Configuration(setup, plugin, offload, fraction, precision, len(parts))
 
 
+def plugin_settings(configuration):
+    """The plugin settings a Colossal-AI configuration names, its precision the training script's default if none."""
+    precision = configuration.precision or default_precision(configuration.plugin, configuration.offload,
+                                                             torch.cuda.is_available())
+    return PluginSettings(configuration.plugin, precision, configuration.offload, float(configuration.fraction))
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configurations", default=",".join(DEFAULT_CONFIGURATIONS),
-                        help=f"comma-separated, from {', '.join(REFERENCES + PLUGINS + PEERS)}; a plugin may name what "
+                        help=f"comma-separated, from {', '.join((*REFERENCES, *PLUGINS, *PEERS))}; a plugin may name what "
                         "it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer), and a plugin or "
                         "DeepSpeed a precision other than its default (gemini:optimizer@bf16)")
     parser.add_argument("--model_sizes", default="B/16", help=f"comma-separated, from {', '.join(SIZES)}")
@@ -96,9 +106,14 @@ def parse_args():
         if (configuration.setup not in REFERENCES + PEERS
                 and (configuration.plugin not in PLUGINS or configuration.offload not in OFFLOADS
                      or configuration.parts > 3) or configuration.precision not in ("", "bf16", "fp16")):
-            parser.error(f"unknown configuration {name}; choose from {', '.join(REFERENCES + PLUGINS + PEERS)}; a "
+            parser.error(f"unknown configuration {name}; choose from {', '.join((*REFERENCES, *PLUGINS, *PEERS))}; a "
                          f"plugin may add what it offloads, plugin:offload[:fraction] with offload one of "
                          f"{', '.join(OFFLOADS)}, and a plugin or DeepSpeed its precision, @bf16 or @fp16")
+        if is_colossalai(name):
+            settings = plugin_settings(configuration)
+            on_gpu = torch.cuda.is_available()
+            if error := settings_error(settings, on_gpu) or precision_error(settings, on_gpu):
+                parser.error(f"configuration {name}: {error}")
     unknown_sizes = set(args.model_sizes) - set(SIZES)
     if unknown_sizes:
         parser.error(f"unknown --model_sizes {', '.join(sorted(unknown_sizes))}; choose from {', '.join(SIZES)}")
@@ -162,21 +177,19 @@ def reference_step_function(name, size, args, device):
 
 def plugin_step_function(name, size, args, device):
     """One training step of the example with its settings for the plugin (and offload) `name`."""
-    configuration = parse_configuration(name)
-    settings = parse_demo_args(["--plugin", configuration.plugin, "--offload", configuration.offload,
-                                "--offload_fraction", configuration.fraction]
-                               + ["--precision", configuration.precision] * bool(configuration.precision))
+    settings = plugin_settings(parse_configuration(name))
     # offloading plugins place the weights themselves: built on the host, the model never has to fit on the GPU
     model, image_size = new_model(size, args, "cpu" if settings.offload != "none" else device)
     plugin, booster = build_booster(model, settings, device)
     topology = Topology(plugin)
-    model, optimizer, *_ = booster.boost(model, build_optimizer(model, settings))
+    model, optimizer, *_ = booster.boost(model, build_optimizer(model, settings, learning_rate=1e-4,
+                                                                weight_decay=0.5))
     boosted = Boosted(model, optimizer, None, booster, topology)
     model.train()
 
     def step(pixel_values, labels):
         batch = {"pixel_values": pixel_values, "labels": labels}
-        forward_backward(boosted, batch, plain_cross_entropy, train=True)
+        forward_backward(boosted, batch, cross_entropy, backward=True)
         optimizer.step()
         optimizer.zero_grad()
 
@@ -315,7 +328,7 @@ def time_configurations(args):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    if dist.get_backend() == "nccl":  # (gloo's can deadlock in its destructor: see vit_train_demo.main)
+    if dist.get_backend() == "nccl":  # (gloo's can deadlock in its destructor: see the end of vit_train_demo.main)
         dist.destroy_process_group()
     return rows if reporting else None, device_name, world_size
 
@@ -377,7 +390,7 @@ def find_largest(args):
 def run_alone(name, size, args, row, log_path):
     """One configuration at one size in a child process; its row, or `row` with why it did not train."""
     with tempfile.NamedTemporaryFile(suffix=".json") as table, open(log_path, "w") as log:
-        command = [sys.executable, __file__, "--configurations", name, "--model_sizes", size,
+        command = [sys.executable, "-m", "benchmarks.step_benchmark", "--configurations", name, "--model_sizes", size,
                    "--batch_sizes", str(args.batch_sizes[0]), "--steps", str(args.steps),
                    "--warmup_steps", str(args.warmup_steps), "--json", table.name]
         command += ["--grad_checkpoint"] * args.grad_checkpoint

@@ -1,0 +1,91 @@
+"""The processes and the devices they train on: the process group, GPU memory caps and peaks, and running out of
+GPU memory said in one line."""
+import contextlib
+import os
+import resource
+
+import torch
+import torch.distributed as dist
+
+from errors import RunError
+from plugins import plugins_that
+
+SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": "29500"}
+
+
+def init_distributed(seed, max_gpu_memory_gib=None, verbose=False):
+    """What colossalai.launch_from_torch does, with this process's GPU named to the process group up front (NCCL
+    otherwise guesses it at the first barrier, with a warning), and its memory capped if asked. Returns the
+    training device."""
+    import transformers
+    from colossalai.accelerator import get_accelerator
+    from colossalai.logging import get_dist_logger
+    from colossalai.utils import set_seed
+
+    for name, value in SINGLE_PROCESS_ENV.items():  # so that plain `python vit_train_demo.py` runs too
+        os.environ.setdefault(name, value)
+    accelerator = get_accelerator()
+    if accelerator.support_set_device:
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    device = accelerator.get_current_device()
+    dist.init_process_group(accelerator.communication_backend, device_id=device if device.type == "cuda" else None)
+    set_seed(seed)
+    if max_gpu_memory_gib:  # to share a GPU, or rehearse a smaller one
+        cap_gpu_memory(max_gpu_memory_gib, device)
+    if not verbose:  # what is left of the libraries' logging: warnings that ask the user for something
+        transformers.logging.set_verbosity_error()
+        get_dist_logger().set_level("WARNING")
+    return device
+
+
+def cap_gpu_memory(gib, device):
+    """Makes allocating more than `gib` GiB on `device` in this process raise torch.OutOfMemoryError."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+
+
+def peak_memory(device):
+    """The most memory this process has held, on the host (resident) and on the GPU (allocated tensors)."""
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_gpu_gib": gpu}
+
+
+@contextlib.contextmanager
+def out_of_memory_named(model_name, parameters, batch_size, plugin, offload, offload_fraction, grad_checkpoint,
+                        max_gpu_memory_gib):
+    """Running out of GPU memory stops the run with one line naming the limit, the model size and what to try."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        limit = (f"the --max_gpu_memory_gib {max_gpu_memory_gib:g} cap" if max_gpu_memory_gib
+                 else "the GPU's memory")
+        more_offload = {"none": "optimizer", "optimizer": "all", "all": None}[offload]
+        if more_offload:
+            able = ", ".join(plugins_that(lambda plugin: more_offload in plugin.offloads))
+            more_offload = f"--offload {more_offload} ({able})"
+        if offload_fraction < 1:
+            more_offload = f"a higher --offload_fraction than {offload_fraction:g}"
+        remedies = ([more_offload] * bool(more_offload) + ["--grad_checkpoint"] * (not grad_checkpoint) +
+                    ["a smaller --batch_size"] + ["a higher cap"] * bool(max_gpu_memory_gib))
+        raise RunError(f"out of GPU memory under {limit}, training {model_name} ({parameters / 1e6:.1f}M "
+                       f"parameters) at --batch_size {batch_size} with {plugin}"
+                       f"{f' --offload {offload}' if offload != 'none' else ''}; try "
+                       f"{', '.join(remedies[:-1])} or {remedies[-1]}") from None
+
+
+def sum_over_ranks(values, device):
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def copied_to_host(loss):
+    """A step's loss on its way to the host, and the CUDA event that marks the copy's place among the queued work
+    (None on the CPU, or on a pipeline stage without the loss)."""
+    if loss is None or loss.device.type != "cuda":
+        return loss, None
+    on_host = loss.detach().to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return on_host, copied

@@ -1,0 +1,258 @@
+"""The Colossal-AI plugins this example trains with: what each can do, and how each is built, in one table.
+
+`PLUGINS` is read by the flag checks (args.py), the training script, the checkpoint code and the step benchmark.
+Adding a plugin is a row here (and a line in the docs). Colossal-AI is imported inside the functions that use it:
+args.py reads the table before anything heavy loads, and the training script loads Colossal-AI first through
+startup.import_libraries.
+"""
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from errors import RunError
+
+# the README's install step: builds Colossal-AI's Adam kernels (HybridAdam's CPU Adam, FusedAdam's) once
+BUILD_KERNELS = ("from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader; "
+                 "CPUAdamLoader().load(); FusedOptimizerLoader().load()")
+OFFLOADS = ("none", "optimizer", "all")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """How a run asks its plugin to train (the flags of the same names)."""
+    plugin: str
+    precision: str
+    offload: str = "none"
+    offload_fraction: float = 1.0
+    tp_size: int = 1
+    pp_size: int = 1
+    microbatch_size: int | None = None
+
+
+def build_torch_ddp(settings):  # gradients kept in DDP's buckets, not copied out each step
+    from colossalai.booster.plugin import TorchDDPPlugin
+    return TorchDDPPlugin(gradient_as_bucket_view=True)
+
+
+def build_low_level_zero(settings):  # alone on one GPU there is nothing to overlap, and trying costs 8-17%
+    from colossalai.booster.plugin import LowLevelZeroPlugin
+    return LowLevelZeroPlugin(precision=settings.precision, initial_scale=2**5, cpu_offload=settings.offload != "none",
+                              overlap_communication=dist.get_world_size() > 1)
+
+
+def build_gemini(settings):
+    from colossalai.booster.plugin import GeminiPlugin
+    # shares of the fp32 weights and Adam states, and of the 16-bit weights, that gemini keeps on the host
+    optimizer_share, weight_share = {"none": (0.0, 0.0), "optimizer": (settings.offload_fraction, 0.0),
+                                     "all": (1.0, settings.offload_fraction)}[settings.offload]
+    # pinned host memory is what gemini's asynchronous gradient reduction uses anyway (it warns if not asked)
+    return GeminiPlugin(precision=settings.precision, initial_scale=2**5, pin_memory=True, placement_policy="static",
+                        offload_optim_frac=optimizer_share, offload_param_frac=weight_share)
+
+
+def build_hybrid_parallel(settings):
+    from colossalai.booster.plugin import HybridParallelPlugin
+    offload = settings.offload != "none"
+    return HybridParallelPlugin(tp_size=settings.tp_size, pp_size=settings.pp_size,
+                                microbatch_size=settings.microbatch_size, enable_all_optimization=True,
+                                precision=settings.precision, initial_scale=1, zero_stage=int(offload),
+                                cpu_offload=offload)
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """What a plugin can do, and how it is built."""
+    build: Callable[[PluginSettings], object]
+    precisions: tuple = PRECISIONS  # on a GPU the first is the default (without offload)
+    offloads: tuple = ("none",)  # what it can keep in host memory: optimizer (fp32 weights, Adam states), all
+    offload_precisions: tuple = PRECISIONS  # precisions it can offload in
+    offload_fraction: bool = False  # can keep a share of what it offloads on the GPU (--offload_fraction)
+    model_parallel: bool = False  # tensor and pipeline parallel (--tp_size, --pp_size)
+    on_cpu: bool = False  # trains without a GPU
+    autocast: bool = False  # trains in 16 bits through torch.autocast (bf16) or torch AMP (fp16), not by itself
+    colossalai_adam_only: bool = False  # takes only Colossal-AI's own Adam kernels
+    variant_of: str | None = None  # the plugin it is, in its one precision
+    # Colossal-AI 0.5.0 restores its optimizer's step counts on the CPU, and PyTorch's fused AdamW takes them only
+    # beside their parameters
+    step_counts_restored_on_host: bool = False
+
+
+PLUGINS = {
+    "torch_ddp": Plugin(build_torch_ddp, on_cpu=True, autocast=True),
+    "torch_ddp_fp16": Plugin(build_torch_ddp, precisions=("fp16",), autocast=True, variant_of="torch_ddp"),
+    "low_level_zero": Plugin(build_low_level_zero, offloads=("none", "optimizer"), step_counts_restored_on_host=True),
+    "gemini": Plugin(build_gemini, precisions=("bf16", "fp16"), offloads=OFFLOADS, offload_fraction=True,
+                     colossalai_adam_only=True),
+    "hybrid_parallel": Plugin(build_hybrid_parallel, offloads=("none", "optimizer"), offload_precisions=("bf16", "fp16"),
+                              model_parallel=True, step_counts_restored_on_host=True),
+}
+
+
+def plugins_that(capability):
+    """The names of the plugins that have `capability` (a function of a Plugin)."""
+    return [name for name, plugin in PLUGINS.items() if capability(plugin)]
+
+
+def able(capability):
+    return " or ".join(plugins_that(capability))
+
+
+def settings_error(settings, on_gpu):
+    """Why `settings` cannot train here, in one line naming the fix, or None (the precision already chosen)."""
+    name, plugin = settings.plugin, PLUGINS[settings.plugin]
+    if not plugin.on_cpu and not on_gpu:
+        return f"--plugin {name} needs a CUDA GPU and none is available; on the CPU use --plugin {able(lambda p: p.on_cpu)}"
+    if settings.offload not in plugin.offloads:
+        partial = [other for other, spec in PLUGINS.items()
+                   if settings.offload not in spec.offloads and len(spec.offloads) > 1]
+        return (f"--plugin {name} cannot --offload {settings.offload}; use --plugin "
+                f"{able(lambda plugin: settings.offload in plugin.offloads)}" +
+                (f" ({' and '.join(partial)} offload only the optimizer)" if settings.offload == "all" else ""))
+    if settings.offload_fraction != 1 and (not plugin.offload_fraction or settings.offload == "none"):
+        splitting = able(lambda plugin: plugin.offload_fraction)
+        return (f"--offload_fraction {settings.offload_fraction:g} splits what {splitting} offloads; it needs "
+                f"--plugin {splitting} with --offload optimizer or all")
+    return None
+
+
+def model_parallel_error(settings):
+    """Why the plugin cannot split the model as `settings` asks, or None."""
+    if not PLUGINS[settings.plugin].model_parallel and settings.tp_size * settings.pp_size > 1:
+        return (f"--tp_size {settings.tp_size} --pp_size {settings.pp_size} need --plugin "
+                f"{able(lambda plugin: plugin.model_parallel)} (got --plugin {settings.plugin})")
+    return None
+
+
+def precision_error(settings, on_gpu):
+    """Why the plugin cannot train in `settings.precision` here, or None."""
+    name, plugin, precision = settings.plugin, PLUGINS[settings.plugin], settings.precision
+    if precision not in plugin.precisions:
+        return (f"--plugin {name} trains in {precision_list(plugin.precisions)}, not --precision {precision}" +
+                (f"; use --plugin {plugin.variant_of} --precision {precision}" if plugin.variant_of else ""))
+    if settings.offload != "none" and precision not in plugin.offload_precisions:
+        return (f"--plugin {name} offloads through ZeRO, which trains in {precision_list(plugin.offload_precisions)}, "
+                f"not --precision {precision}")
+    if precision != "fp32" and not on_gpu:
+        return f"--precision {precision} needs a CUDA GPU and none is available; on the CPU use --precision fp32"
+    return None
+
+
+def precision_list(precisions):
+    return " or ".join(precisions)
+
+
+def default_precision(plugin, offload, on_gpu):
+    """fp32 on the CPU; fp16 with offload (Colossal-AI's CPU Adam kernel reads fp32 and fp16 gradients, bf16 ones
+    through a far slower PyTorch fallback: benchmarks/results, largest model); else the plugin's first."""
+    if not on_gpu:
+        return "fp32"
+    return "fp16" if offload != "none" else PLUGINS[plugin].precisions[0]
+
+
+def build_booster(model, settings, device):
+    """The plugin `settings` names and the booster that trains `model` with it."""
+    from colossalai.booster import Booster
+    plugin = PLUGINS[settings.plugin]
+    if plugin.autocast and settings.precision == "bf16":  # the other plugins cast the model themselves
+        model.forward = torch.autocast(device.type, dtype=torch.bfloat16)(model.forward)
+    built = plugin.build(settings)
+    torch_amp = plugin.autocast and settings.precision == "fp16"
+    return built, Booster(plugin=built, mixed_precision="fp16" if torch_amp else None)
+
+
+def build_optimizer(model, settings, learning_rate, weight_decay, verbose=False):
+    """AdamW: Colossal-AI's HybridAdam where weights live on the host (Adam on the CPU for those, fused on the GPU
+    for the rest), its FusedAdam on a plugin that takes only Colossal-AI's Adam, PyTorch's fused one elsewhere."""
+    offload = settings.offload != "none"
+    if not offload and not PLUGINS[settings.plugin].colossalai_adam_only:
+        return torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay,
+                                 fused=torch.cuda.is_available())
+    from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
+    from colossalai.nn.optimizer import FusedAdam, HybridAdam
+    unbuilt = [name for loader in [FusedOptimizerLoader] + [CPUAdamLoader] * offload
+               for name in unbuilt_kernels(loader)]
+    if unbuilt:
+        raise RunError(f"Colossal-AI's {' and '.join(unbuilt)} kernel{'s are' if len(unbuilt) > 1 else ' is'} not "
+                       f"built; build {'them' if len(unbuilt) > 1 else 'it'} once before training (a minute or two): "
+                       f"python3 -c \"{BUILD_KERNELS}\"")
+    # Colossal-AI prints two lines whenever it loads a kernel
+    with contextlib.redirect_stdout(io.StringIO()) as kernel_log:
+        optimizer = (HybridAdam if offload else FusedAdam)(model.parameters(), lr=learning_rate,
+                                                           weight_decay=weight_decay, adamw_mode=True)
+    if verbose:
+        print(kernel_log.getvalue(), end="")
+    return optimizer
+
+
+def unbuilt_kernels(loader):
+    """The kernels of a Colossal-AI kernel loader that are neither installed pre-built nor built (just in time)
+    before: loading them would compile them, in every process, for a minute or two."""
+    from colossalai.kernel.extensions.base_extension import _Extension
+    built_folder = _Extension.get_jit_extension_folder_path()
+    unbuilt = []
+    for extension in (extension_class() for extension_class in loader.REGISTRY):
+        if not extension.is_available() or os.path.exists(os.path.join(built_folder, f"{extension.name}.so")):
+            continue
+        try:
+            extension.import_op()
+        except ImportError:
+            unbuilt.append(extension.name)
+    return unbuilt
+
+
+def restore_optimizer(booster, optimizer, folder, plugin):
+    """Loads the optimizer state saved in `folder` through the booster."""
+    booster.load_optimizer(optimizer, folder)
+    if PLUGINS[plugin].step_counts_restored_on_host:
+        for parameter, parameter_state in optimizer.optim.state.items():
+            if torch.is_tensor(parameter_state.get("step")):
+                parameter_state["step"] = parameter_state["step"].to(parameter.device)
+
+
+class Topology:
+    """Where this rank sits: its data-parallel rank, and whether it holds the model's outputs."""
+
+    def __init__(self, plugin):
+        from colossalai.booster.plugin import HybridParallelPlugin
+        self.pipeline = isinstance(plugin, HybridParallelPlugin) and plugin.pp_size > 1
+        if isinstance(plugin, HybridParallelPlugin):
+            self.dp_rank, self.dp_size = dist.get_rank(plugin.dp_group), plugin.dp_size
+            last_stage = not self.pipeline or plugin.stage_manager.is_last_stage()
+            self.holds_output = dist.get_rank(plugin.tp_group) == 0 and last_stage
+        else:
+            self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+            self.holds_output = True
+        self.reports = self.holds_output and self.dp_rank == 0
+
+
+@dataclass
+class Boosted:
+    """What the booster returned and every training or evaluation step needs."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    booster: object
+    topology: Topology
+
+
+def forward_backward(boosted, batch, criterion, backward):
+    """Runs one batch forward (and backward if `backward`), through the pipeline schedule where there is one;
+    returns loss and logits, or None, None on a pipeline stage that does not hold the outputs."""
+    optimizer = boosted.optimizer if backward else None
+    if boosted.topology.pipeline:
+        result = boosted.booster.execute_pipeline(iter([batch]), boosted.model, criterion, optimizer,
+                                                  return_loss=True, return_outputs=True)
+        if not boosted.topology.holds_output:
+            return None, None
+        return result["loss"], result["outputs"]["logits"]
+    outputs = boosted.model(pixel_values=batch["pixel_values"])
+    loss = criterion(outputs, batch)
+    if backward:
+        boosted.booster.backward(loss, optimizer)
+    return loss, outputs.logits
