@@ -5,8 +5,8 @@ preprocessed on the fly by the image processor (`with_transform`) in `dataloader
 on a GPU, AdamW with warm-up. With --save it writes what the guide's recipe writes (`save_strategy="epoch"`, and
 the model at the end, which the guide pushes to the hub); without, nothing. Prints one JSON line: the wall time of
 each part, training images per second, and the accuracy on each split. Not part of the example:
-run_device_benchmarks.sh times it beside run_finetuning.sh.
-  python hf_recipe.py --model_name_or_path MODEL --dataset DIR --batch_size 128 --num_epoch 1
+benchmarks/reproduce_gpu_figures.sh times it beside run_finetuning.sh.
+  python benchmarks/hf_recipe.py --model_name_or_path MODEL --dataset DIR --batch_size 128 --num_epoch 1
 """
 import argparse
 import json

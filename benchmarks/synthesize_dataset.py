@@ -3,7 +3,7 @@
 Each new image is a random crop (30-100% of the area) of a random beans image of the same split and label, flipped
 half the time, rotated by a random angle, resized to --size and saved as JPEG quality 90: as large and as costly
 to decode as the 500x500 originals of the hub's beans.
-  python synthesize_dataset.py --source ../shared/datasets/beans --output /tmp/large_beans --train 50000
+  python benchmarks/synthesize_dataset.py --source ../shared/datasets/beans --output /tmp/large_beans --train 50000
 """
 import argparse
 import os

@@ -5,7 +5,7 @@ When a process stops on a bad input, every rank that met it says what is wrong i
 adds a 30-line traceback of its own and colossalai run the status of every node. Here each `error:` line is passed
 on once, and the launchers' own report is held back: it is shown at the end only where the launch failed and no
 process said why (a process killed by a signal, say). run_finetuning.sh launches through this unless VERBOSE=1.
-  python3 tidy_launch.py torchrun --nproc_per_node 2 vit_train_demo.py ...
+  python3 tools/tidy_launch.py torchrun --nproc_per_node 2 vit_train_demo.py ...
 """
 import os
 import re
