@@ -2,6 +2,7 @@
 without the parts it never uses. Each cut is measured in benchmarks/results (end to end, start-up cuts)."""
 import importlib
 import importlib.util
+import logging
 import os
 import warnings
 
@@ -12,11 +13,16 @@ from errors import RunError
 LIBRARY_NOISE = ("Please install the latest tensornvme", "Please install apex from source",
                  ".*but apex is not installed", "TypedStorage is deprecated",
                  r".*torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated")
+# loggers that warn about such extras: bitsandbytes' 4-bit CPU kernels from the `kernels` hub (on CPUs with
+# AVX512-BF16, as it loads)
+NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 
 
 def hide_library_noise():
     for message in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def import_libraries():

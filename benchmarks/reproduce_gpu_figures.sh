@@ -19,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."  # the example's folder, where relative paths given here are read
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
 PLUGINS=${PLUGINS:-gemini torch_ddp torch_ddp_fp16 low_level_zero hybrid_parallel}
+LAUNCHERS=${LAUNCHERS:-python3 torchrun colossalai}  # end_to_end: the launchers timed starting an empty script
 GPUNUM=${GPUNUM:-1}
 REPEATS=${REPEATS:-3}  # end_to_end: runs of the recipe and of each plugin, in turns; the tables give the median
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
@@ -49,7 +50,9 @@ seconds_of() {  # wall seconds of a command, its output appended to end_to_end.l
 if [ "$PART" = end_to_end ] || [ "$PART" = both ]; then
   echo "kernel build: $(seconds_of python3 -c "$BUILD_KERNELS") s"
   echo "import sys" >"$RUN_ROOT/empty.py"
-  for launcher in python3 "torchrun --nproc_per_node 1" "colossalai run --nproc_per_node 1"; do
+  for launcher in $LAUNCHERS; do
+    launcher=${launcher/torchrun/torchrun --nproc_per_node 1}
+    launcher=${launcher/colossalai/colossalai run --nproc_per_node 1}
     wall=$(seconds_of $launcher "$RUN_ROOT/empty.py")
     echo "${launcher% --*} starting an empty script: $wall s"
     echo "launcher:${launcher%% *} $wall" >>"$RUN_ROOT/walls"
