@@ -2,7 +2,8 @@
 
 The defaults start from the settings of the published results table (gemini, batch 32, 5 epochs, weight decay 0.5)
 with a schedule that suits 5 epochs (peak learning rate 3e-4 after a warm-up of 0.1 of the steps, where the table
-has 1e-4 and 0.3), light augmentation and label smoothing 0.1: docs/benchmarks.md's accuracy ablation shows what each bought.
+has 1e-4 and 0.3), light augmentation and label smoothing 0.1: the accuracy ablation in benchmarks/results shows
+what each bought.
 """
 import argparse
 import os

@@ -2,8 +2,8 @@
 
 A checkpoint is a folder `<output_path>/checkpoints/step_<global step>/` holding the model and optimizer (sharded
 as each plugin saves them), the learning-rate scheduler, and one `state_rank<r>.pt` per process with the training
-state (TrainingState) and that process's random-number-generator states. It is written under a `.partial` name and renamed
-when every process has finished, so a run killed while saving leaves the previous checkpoint as the latest.
+state (TrainingState) and that process's random-number-generator states. It is written under a `.partial` name and
+renamed when every process has finished, so a run killed while saving leaves the previous checkpoint as the latest.
 """
 import dataclasses
 import glob

@@ -89,8 +89,9 @@ PLUGINS = {
     "low_level_zero": Plugin(build_low_level_zero, offloads=("none", "optimizer"), step_counts_restored_on_host=True),
     "gemini": Plugin(build_gemini, precisions=("bf16", "fp16"), offloads=OFFLOADS, offload_fraction=True,
                      colossalai_adam_only=True),
-    "hybrid_parallel": Plugin(build_hybrid_parallel, offloads=("none", "optimizer"), offload_precisions=("bf16", "fp16"),
-                              model_parallel=True, step_counts_restored_on_host=True),
+    "hybrid_parallel": Plugin(build_hybrid_parallel, offloads=("none", "optimizer"),
+                              offload_precisions=("bf16", "fp16"), model_parallel=True,
+                              step_counts_restored_on_host=True),
 }
 
 
@@ -107,7 +108,8 @@ def settings_error(settings, on_gpu):
     """Why `settings` cannot train here, in one line naming the fix, or None (the precision already chosen)."""
     name, plugin = settings.plugin, PLUGINS[settings.plugin]
     if not plugin.on_cpu and not on_gpu:
-        return f"--plugin {name} needs a CUDA GPU and none is available; on the CPU use --plugin {able(lambda p: p.on_cpu)}"
+        return (f"--plugin {name} needs a CUDA GPU and none is available; on the CPU use --plugin "
+                f"{able(lambda plugin: plugin.on_cpu)}")
     if settings.offload not in plugin.offloads:
         partial = [other for other, spec in PLUGINS.items()
                    if settings.offload not in spec.offloads and len(spec.offloads) > 1]

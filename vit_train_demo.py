@@ -173,8 +173,9 @@ def main():
             raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger "
                            f"than the {len(splits['train'])} training images; lower --batch_size")
         announce = print if is_first_rank else (lambda line: None)
-        images, fill_caches = device_images(splits, image_processor, device, announce, args.data_mode, args.cache_budget_gib, args.max_gpu_memory_gib,
-                                            args.num_workers, args.skip_unreadable)
+        images, fill_caches = device_images(splits, image_processor, device, announce, args.data_mode,
+                                            args.cache_budget_gib, args.max_gpu_memory_gib, args.num_workers,
+                                            args.skip_unreadable)
         with ThreadPoolExecutor(max_workers=1) as background:
             decoding = background.submit(fill_caches)
             optimizer = build_optimizer(model, settings, args.learning_rate, args.weight_decay, args.verbose)

@@ -80,8 +80,8 @@ def plugin_settings(configuration):
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configurations", default=",".join(DEFAULT_CONFIGURATIONS),
-                        help=f"comma-separated, from {', '.join((*REFERENCES, *PLUGINS, *PEERS))}; a plugin may name what "
-                        "it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer), and a plugin or "
+                        help=f"comma-separated, from {', '.join((*REFERENCES, *PLUGINS, *PEERS))}; a plugin may "
+                        "name what it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer), and a plugin or "
                         "DeepSpeed a precision other than its default (gemini:optimizer@bf16)")
     parser.add_argument("--model_sizes", default="B/16", help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--batch_sizes", default="32,128", help="comma-separated batch sizes of each GPU")

@@ -1,4 +1,5 @@
-"""benchmarks/run_step_benchmark.sh end to end on the CPU (a tiny ViT): the table and JSON it promises, the reference in the same run."""
+"""benchmarks/run_step_benchmark.sh end to end on the CPU (a tiny ViT): the table and JSON it promises, the reference
+in the same run."""
 import json
 import os
 import socket
@@ -16,8 +17,8 @@ def test_benchmark_times_the_reference_and_the_plugin_in_one_run(tmp_path):
            "PROFILE_DIR": str(tmp_path / "profiles")}
     if torch.cuda.is_available():
         env["CONFIGURATIONS"] = "torch,torch_ddp"
-    run = subprocess.run(["bash", "benchmarks/run_step_benchmark.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(["bash", "benchmarks/run_step_benchmark.sh"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = json.loads(output.read_text())
     rows = [(row["configuration"], row["batch_size_per_gpu"]) for row in table["rows"]]
@@ -43,8 +44,8 @@ def test_memory_mode_walks_the_sizes_down_until_one_trains(tmp_path):
     with socket.socket() as busy:  # another run on the machine holding the default rendezvous port
         busy.bind(("", 29500))
         busy.listen()
-        run = subprocess.run(["bash", "benchmarks/run_step_benchmark.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=600)
+        run = subprocess.run(["bash", "benchmarks/run_step_benchmark.sh"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = json.loads(output.read_text())
     for configuration in ("torch", "torch_ddp"):  # each size in a process of its own, from the largest down

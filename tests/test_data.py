@@ -74,7 +74,8 @@ def test_cached_and_streamed_batches_are_the_same(image_processor):
     assert not set(psutil.Process().children()) - children  # and they end with the last chunk
     streamed = decoded(splits, decoder, CPU, False, num_workers=2, skip_unreadable=False)
     for name, index_batches in (("train", [[3, 1, 4], [1, 5, 9, 2, 6], [39]]), ("validation", [[12, 0, 7]])):
-        cached_batches, streamed_batches = (list(images[name].device_batches(index_batches)) for images in (cached, streamed))
+        cached_batches, streamed_batches = (list(images[name].device_batches(index_batches))
+                                            for images in (cached, streamed))
         for (cached_pixels, cached_labels, _), (streamed_pixels, streamed_labels, _) in zip(cached_batches,
                                                                                              streamed_batches):
             assert torch.equal(cached_pixels, streamed_pixels) and torch.equal(cached_labels, streamed_labels)

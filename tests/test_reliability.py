@@ -274,5 +274,5 @@ def test_checkpoint_of_another_version_is_named(dataset, tmp_path, uninterrupted
     returncode, output = finish(start_run(dataset, tmp_path / "model", RESUME=older))
     assert returncode == 1 and "Traceback" not in output
     assert output.strip().splitlines()[-1] == (
-        f"error: {older} was written by another version of this example (its progress has no epoch_start_images); resume "
-        "it with that version, or start afresh in another output path")
+        f"error: {older} was written by another version of this example (its progress has no epoch_start_images); "
+        "resume it with that version, or start afresh in another output path")

@@ -1,4 +1,5 @@
-"""experiments/run_sweep.sh on the CPU: one run per batch size and learning rate, and the table made of their results."""
+"""experiments/run_sweep.sh on the CPU: one run per batch size and learning rate, and the table made of their
+results."""
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ def test_sweep_runs_every_pair_and_tabulates_each_final_epoch(tmp_path):
     env = {**os.environ, "BS_LIST": "4 6", "LR_LIST": "1e-4", "EPOCH": "1", "PLUGIN": "torch_ddp", "LAUNCHER": "python",
            "DATASET": str(dataset), "MODEL": str(MODEL_DIR), "OUTPUT_PATH": str(tmp_path / "sweep"),
            "MASTER_PORT": str(free_port())}
-    run = subprocess.run(["bash", "experiments/run_sweep.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(["bash", "experiments/run_sweep.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 4
