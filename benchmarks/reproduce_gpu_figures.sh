@@ -39,16 +39,24 @@ step_table() {  # NAME VARIABLE=VALUE...: run_step_benchmark.sh with those varia
   env "$@" OUTPUT="$LOG_DIR/$name.json" bash benchmarks/run_step_benchmark.sh 2>&1 | tee "$LOG_DIR/$name.log" | grep -v Warning
 }
 
-seconds_of() {  # wall seconds of a command, its output appended to end_to_end.log
-  local start end
+# Wall seconds of a command, its output appended to end_to_end.log. A command that fails is named in one line and
+# its exit code returned, which stops this script (set -e) at the assignment `wall=$(seconds_of ...)`: a failed
+# run is never recorded as a time.
+seconds_of() {
+  local start end code=0
   start=$(date +%s.%N)
-  "$@" >>"$LOG_DIR/end_to_end.log" 2>&1
+  "$@" >>"$LOG_DIR/end_to_end.log" 2>&1 || code=$?
   end=$(date +%s.%N)
-  python3 -c "print(round($end - $start, 1))"
+  if [ "$code" != 0 ]; then
+    echo "error: a timed run failed (exit $code): $*; its output is at the end of $LOG_DIR/end_to_end.log" >&2
+    return "$code"
+  fi
+  awk -v start="$start" -v end="$end" 'BEGIN { printf "%.1f\n", end - start }'
 }
 
 if [ "$PART" = end_to_end ] || [ "$PART" = both ]; then
-  echo "kernel build: $(seconds_of python3 -c "$BUILD_KERNELS") s"
+  wall=$(seconds_of python3 -c "$BUILD_KERNELS")
+  echo "kernel build: $wall s"
   echo "import sys" >"$RUN_ROOT/empty.py"
   for launcher in $LAUNCHERS; do
     launcher=${launcher/torchrun/torchrun --nproc_per_node 1}
@@ -161,8 +169,9 @@ if [ "$PART" = streaming ]; then
   python3 -c "import sys; from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification as V
 V(ViTConfig(num_labels=3)).save_pretrained(sys.argv[1]); AutoImageProcessor.from_pretrained(sys.argv[2]).save_pretrained(sys.argv[1])" \
     "$vit_b" "$MODEL"
-  echo "generating: $(seconds_of python3 benchmarks/synthesize_dataset.py --source "$DATASET" --output "$LARGE_DATASET" \
-    --train "$STREAM_TRAIN_IMAGES" --eval "$STREAM_EVAL_IMAGES") s"
+  wall=$(seconds_of python3 benchmarks/synthesize_dataset.py --source "$DATASET" --output "$LARGE_DATASET" \
+    --train "$STREAM_TRAIN_IMAGES" --eval "$STREAM_EVAL_IMAGES")
+  echo "generating: $wall s"
   same=(PLUGIN=torch_ddp GPUNUM=1 BS="$STREAM_BS" EPOCH="$STREAM_EPOCHS" MODEL="$vit_b" KEEP_CHECKPOINTS=0)
   runs=("cache large_beans default" "stream beans default")
   for workers in $STREAM_WORKERS; do runs=("stream large_beans $workers" "${runs[@]}"); done

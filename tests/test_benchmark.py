@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import MODEL_DIR, ROOT
 
 
 def test_benchmark_times_the_reference_and_the_plugin_in_one_run(tmp_path):
@@ -56,3 +56,21 @@ def test_memory_mode_walks_the_sizes_down_until_one_trains(tmp_path):
         assert rows[1]["images_per_second"] > 0 and 0.5 < rows[1]["peak_host_gib"] < 24
         assert f"- {configuration}: largest ViT-B/16 (85.8M parameters)" in table["summary"]
         assert (tmp_path / "largest_logs" / f"{configuration}_B_16.log").exists()
+
+
+def test_a_run_that_fails_inside_the_timed_part_stops_the_device_benchmarks_naming_it(tmp_path):
+    """reproduce_gpu_figures.sh times each run from the shell: a run that fails is never recorded as a time, the
+    script stops with a non-zero exit and one line naming the run (here the streaming part's dataset generation,
+    given a source folder that does not exist)."""
+    env = {**os.environ, "DATASET": str(tmp_path / "no_such_beans"), "MODEL": str(MODEL_DIR),
+           "LOG_DIR": str(tmp_path / "logs"), "RUN_ROOT": str(tmp_path / "runs")}
+    run = subprocess.run(["bash", "benchmarks/reproduce_gpu_figures.sh", "streaming"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert "generating:" not in run.stdout, run.stdout  # no time was printed for the failed run
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: a timed run failed (exit 1): python3 benchmarks/synthesize_dataset.py --source "
+        f"{tmp_path}/no_such_beans --output {tmp_path}/runs/large_beans --train 50000 --eval 1000; its output is at the end of "
+        f"{tmp_path}/logs/end_to_end.log")
+    assert "No such file or directory" in (tmp_path / "logs" / "end_to_end.log").read_text()
+    assert not (tmp_path / "logs" / "streaming.json").exists()
