@@ -42,6 +42,7 @@ def test_memory_mode_walks_the_sizes_down_until_one_trains(tmp_path):
     env = {**os.environ, "LARGEST": "1", "MODEL_SIZES": "tiny,8B/14,B/16", "BATCH_SIZES": "2", "STEPS": "1",
            "WARMUP_STEPS": "1", "OUTPUT": str(output)}
     with socket.socket() as busy:  # another run on the machine holding the default rendezvous port
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a finished run's closing connections do not count
         busy.bind(("", 29500))
         busy.listen()
         run = subprocess.run(["bash", "benchmarks/run_step_benchmark.sh"], cwd=ROOT, env=env, capture_output=True,

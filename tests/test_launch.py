@@ -34,9 +34,7 @@ def check_output(run, processes):
     lines = run.stdout.splitlines()
     assert [line.split(" ")[0] for line in lines] == ["fine-tuning", "data:", "epoch", "epoch", "test:", "saved"], lines
     assert f", {processes} process{'es' * (processes > 1)} on cpu;" in lines[0]
-    # torch prints the one other line when the colossalai command imports it on a machine with CUDA_HOME and no GPU
-    shown = [text for text in re.split(r"[\r\n]", run.stderr)
-             if text.strip() and not text.startswith("No CUDA runtime is found")]
+    shown = [text for text in re.split(r"[\r\n]", run.stderr) if text.strip()]  # nothing but the example's own
     assert shown and all(text.startswith("epoch ") for text in shown), shown
 
 
