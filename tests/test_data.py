@@ -212,6 +212,27 @@ def test_tiny_and_huge_images_are_resized(tmp_path, image_processor, size):
     assert pixel_values.shape == (4, 3, 224, 224) and torch.isfinite(pixel_values).all()
 
 
+def test_hidden_files_and_files_beside_the_split_folders_are_ignored(tmp_path):
+    beans = copy_beans(tmp_path / "beans", per_label=2, splits=("train", "validation"))
+    (beans / "LICENSE").write_text("CC BY 4.0\n")
+    (beans / ".DS_Store").write_bytes(b"\0\1")
+    (beans / "train" / ".DS_Store").write_bytes(b"\0\1")
+    (beans / "train" / "healthy" / ".hidden.jpg").write_bytes(b"not a picture")
+    splits = load_splits(str(beans))
+    assert {name: len(split) for name, split in splits.items()} == {"train": 6, "validation": 6}
+    paths = [image["path"] for image in splits["train"][:]["image"]]
+    assert sorted(os.path.basename(path) for path in paths) == sorted(
+        path.name for path in (beans / "train").glob("*/*") if not path.name.startswith("."))
+
+
+def test_a_picture_over_pillow_s_decompression_bomb_limit_is_refused_naming_the_file(tmp_path, image_processor):
+    beans = copy_beans(tmp_path / "beans", per_label=1, splits=("train", "validation"))
+    bomb = beans / "train" / "healthy" / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 megapixels, over twice Pillow's limit, in a few kilobytes
+    with pytest.raises(RunError, match=f"cannot read image {bomb}: Image size \\(400000000 pixels\\) exceeds limit"):
+        to_tensors(load_splits(str(beans))["train"], image_processor)
+
+
 def test_exif_rotated_photo_is_turned_upright(tmp_path, image_processor):
     beans = copy_beans(tmp_path / "beans", per_label=1, splits=("train", "validation"))
     original_path = next((beans / "train" / "healthy").iterdir())
