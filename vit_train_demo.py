@@ -218,8 +218,6 @@ def main():
 
         upcoming = None  # the next epoch's pass: its streamed images decode while this epoch is evaluated
         for epoch in range(state.epoch, args.num_epoch):
-            if state.step_in_epoch == 0:  # a run resumed mid-epoch keeps the start it was checkpointed with
-                state.start_epoch(epoch)
             train_epoch(boosted, upcoming or epoch_pass(epoch, state.step_in_epoch), state, criterion,
                         steps_per_epoch, args.augment, writer, clock, args.save_every, save_checkpoint)
             upcoming = epoch_pass(epoch + 1) if epoch + 1 < args.num_epoch else None
@@ -236,7 +234,7 @@ def main():
             epoch_results["memory"] = peak_memory(device)
             state.epochs.append(epoch_results)
             state.unreadable = sorted(set(state.unreadable).union(*(split.unreadable for split in images.values())))
-            state.start_epoch(epoch + 1)
+            state.start_epoch(epoch + 1)  # before the checkpoint: a run resumed from it starts the next epoch
             if topology.reports:
                 reporting.report_epoch(epoch_results, len(state.unreadable), state.global_step, writer)
             save_checkpoint()
