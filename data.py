@@ -96,24 +96,41 @@ def image_folder_files(path, dataset):
     return files
 
 
-def find_column(split, wanted, feature_type, flag, split_name):
-    """The column named by `flag` (`wanted`), else the one column of `feature_type`."""
+def is_image(feature):
+    """An Image feature, or what one is stored as: a {bytes, path} struct (an image column written by pandas)."""
+    return isinstance(feature, ImageFeature) or (isinstance(feature, dict) and set(feature) == {"bytes", "path"})
+
+
+# what the column is, what it is called where its type does not say (as the Hugging Face examples call it), its flag
+COLUMNS = {"image": (is_image, ("image", "img"), "--image_column"),
+           "label": (lambda feature: isinstance(feature, ClassLabel), ("label", "labels"), "--label_column")}
+
+
+def find_column(split, kind, wanted, split_name):
+    """The column named by the flag (`wanted`), else the one column of its kind's type, else the one of its kind's
+    names; None when neither tells."""
+    is_kind, names, flag = COLUMNS[kind]
     if wanted is not None:
         if wanted not in split.column_names:
             raise RunError(f"{flag} {wanted} is not a column of the {split_name} split "
                            f"(columns: {', '.join(split.column_names)})")
         return wanted
-    found = [name for name, feature in split.features.items() if isinstance(feature, feature_type)]
-    if len(found) != 1:
-        kind = "image" if feature_type is ImageFeature else "class-label"
-        raise RunError(f"the {split_name} split has {len(found) or 'no'} {kind} columns "
-                       f"(features: {dict(split.features)}); name the one to use with {flag}")
-    return found[0]
+    for found in ([name for name, feature in split.features.items() if is_kind(feature)],
+                  [name for name in split.column_names if name in names]):
+        if len(found) == 1:
+            return found[0]
+    return None
 
 
 def standardise_columns(split, dataset, split_name, image_column=None, label_column=None):
-    image = find_column(split, image_column, ImageFeature, "--image_column", split_name)
-    label = find_column(split, label_column, ClassLabel, "--label_column", split_name)
+    image = find_column(split, "image", image_column, split_name)
+    label = find_column(split, "label", label_column, split_name)
+    unknown = [kind for kind, column in (("image", image), ("label", label)) if column is None]
+    if unknown:
+        flags = " and ".join(f"{COLUMNS[kind][2]} NAME" for kind in unknown)
+        raise RunError(f"cannot tell the {' and '.join(unknown)} column of the {split_name} split of {dataset} by type "
+                       f"or name (features: {dict(split.features)}); name {'them' if len(unknown) > 1 else 'it'} with "
+                       f"{flags}")
     split = split.select_columns([image, label]).rename_columns({image: "image", label: "labels"})
     if not isinstance(split.features["labels"], ClassLabel):  # strings or numbers: their sorted values are classes
         split = split.class_encode_column("labels")

@@ -10,26 +10,26 @@ import torch.distributed as dist
 from errors import RunError
 from plugins import plugins_that
 
-SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                      "MASTER_PORT": "29500"}
-
-
 def init_distributed(seed, max_gpu_memory_gib=None, verbose=False):
     """What colossalai.launch_from_torch does, with this process's GPU named to the process group up front (NCCL
-    otherwise guesses it at the first barrier, with a warning), and its memory capped if asked. Returns the
-    training device."""
+    otherwise guesses it at the first barrier, with a warning), and its memory capped if asked. A process started
+    without a launcher (plain `python vit_train_demo.py`) is the only one: its process group keeps its store in
+    memory, taking no port that another job on the machine may hold. Returns the training device."""
     import transformers
     from colossalai.accelerator import get_accelerator
     from colossalai.logging import get_dist_logger
     from colossalai.utils import set_seed
 
-    for name, value in SINGLE_PROCESS_ENV.items():  # so that plain `python vit_train_demo.py` runs too
-        os.environ.setdefault(name, value)
+    launched = "RANK" in os.environ
+    if not launched:  # the variables a launcher sets, which the libraries read
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     accelerator = get_accelerator()
     if accelerator.support_set_device:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     device = accelerator.get_current_device()
-    dist.init_process_group(accelerator.communication_backend, device_id=device if device.type == "cuda" else None)
+    alone = {} if launched else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+    dist.init_process_group(accelerator.communication_backend, device_id=device if device.type == "cuda" else None,
+                            **alone)
     set_seed(seed)
     if max_gpu_memory_gib:  # to share a GPU, or rehearse a smaller one
         cap_gpu_memory(max_gpu_memory_gib, device)

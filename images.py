@@ -31,14 +31,13 @@ class UnreadableImage(RunError):
         self.reason = reason  # "<path>: <what the decoder said>"
 
 
-def open_rgb(image, draft_size=0):
-    """Decodes one undecoded image cell ({"bytes", "path"}) to an upright RGB picture; a JPEG at the smallest
-    power-of-two scale that still leaves every side draft_size pixels or more (several times faster to decode)."""
+def open_rgb(image):
+    """Decodes one undecoded image cell ({"bytes", "path"}) to an upright RGB picture, as `pipeline` does: at full
+    scale (a JPEG decoded at reduced scale, through Pillow's draft mode, is faster but differs from what the saved
+    model is served by up to 0.19 after normalisation)."""
     source = io.BytesIO(image["bytes"]) if image["bytes"] else image["path"]
     try:
         with Image.open(source) as picture:
-            if draft_size:
-                picture.draft("RGB", (draft_size, draft_size))
             return ImageOps.exif_transpose(picture).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise UnreadableImage(f"{image['path']}: {error}") from None
@@ -48,15 +47,13 @@ class Decoder:
     """Turns undecoded image cells into uint8 pixel values [N, 3, H, W] at the model's resolution, through the
     model's image processor with its rescaling and normalisation left for the device (Normalise).
 
-    It runs in loader workers: it decodes each image (a JPEG at reduced scale, through its draft mode) and resizes
-    the batch with the image processor, so that the training process only copies the result to the device.
+    It runs in loader workers: it decodes each image and resizes the batch with the image processor, as serving the
+    saved model does, so that the training process only copies the result to the device.
     Resizing in the training process instead, even on the GPU, spends its CPU, which the training step needs, on
     the image processor's per-image Python (benchmarks/results: streaming)."""
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
-        size = image_processor.size
-        self.draft_size = max(size.get("shortest_edge", 0), size.get("height", 0), size.get("width", 0))
         self.shape = tuple(self.resize([Image.new("RGB", (8, 8))]).shape[1:])
 
     def resize(self, pictures):
@@ -68,7 +65,7 @@ class Decoder:
         pictures, readable, unreadable = [], [], []
         for image in images:
             try:
-                pictures.append(open_rgb(image, self.draft_size))
+                pictures.append(open_rgb(image))
                 readable.append(True)
             except UnreadableImage as error:
                 readable.append(False)

@@ -37,11 +37,12 @@ LAUNCHER=${LAUNCHER:-auto}                   # colossalai (colossalai run), torc
                                              # auto: colossalai run for several processes or nodes, else python
 HOSTFILE=${HOSTFILE:-}                       # several nodes: a file naming one host per line (colossalai run, ssh)
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}        # rendezvous address (with HOSTFILE: the first host, unless set)
-MASTER_PORT=${MASTER_PORT:-29500}            # rendezvous port; change it to run two jobs on one machine
+MASTER_PORT=${MASTER_PORT:-29500}            # rendezvous port of several processes (one process takes none)
 VERBOSE=${VERBOSE:-0}                        # 1: every library warning, and the launcher's own failure report
 
-# nvidia-smi answers in a fraction of the 3 s that importing torch to ask takes; torch still decides without it
-if ! nvidia-smi -L >/dev/null 2>&1 &&
+# nvidia-smi answers in a fraction of the 3 s that importing torch to ask takes; torch still decides without it, and
+# where CUDA_VISIBLE_DEVICES is set (nvidia-smi lists the GPUs it hides)
+if ! { [ -z "${CUDA_VISIBLE_DEVICES+set}" ] && nvidia-smi -L >/dev/null 2>&1; } &&
   ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   [ "$PLUGIN" = torch_ddp ] || echo "No CUDA GPU found: running torch_ddp on the CPU instead of $PLUGIN."
   PLUGIN=torch_ddp TP_SIZE=1 PP_SIZE=1 MICROBATCH=
@@ -90,7 +91,7 @@ case "$LAUNCHER" in
   torchrun)
     launch=(torchrun --nproc_per_node "$GPUNUM" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT") ;;
   python)
-    launch=(env MASTER_ADDR="$MASTER_ADDR" MASTER_PORT="$MASTER_PORT" python3) ;;
+    launch=(python3) ;;
   *)
     echo "error: LAUNCHER=$LAUNCHER is not a launcher; choose auto, colossalai, torchrun or python" >&2
     exit 2 ;;
@@ -108,6 +109,11 @@ fi
 if [ "$LAUNCHER" = python ] && [ "$GPUNUM" != 1 ]; then
   echo "error: LAUNCHER=python starts one process, not GPUNUM=$GPUNUM; use LAUNCHER=colossalai or torchrun" >&2
   exit 2
+fi
+# another job's rendezvous port would stop every process with a launcher's traceback: say it in one line first
+if [ "$LAUNCHER" != python ] && timeout 2 bash -c "exec 3<>/dev/tcp/$MASTER_ADDR/$MASTER_PORT" 2>/dev/null; then
+  echo "error: port $MASTER_PORT on $MASTER_ADDR is taken, by another job perhaps; set MASTER_PORT to a free one" >&2
+  exit 1
 fi
 if [ "$VERBOSE" = 1 ] || [ "$LAUNCHER" = python ]; then
   "${launch[@]}" "${demo[@]}"

@@ -33,6 +33,9 @@ def parse_args():
     parser.add_argument("--warmup_ratio", type=float, default=0.1)
     parser.add_argument("--label_smoothing", type=float, default=0.1)
     parser.add_argument("--num_workers", type=int, default=8)
+    parser.add_argument("--fast_image_processor", action="store_true",
+                        help="the image processor's torchvision version, as the example uses (default: the one "
+                        "AutoImageProcessor picks, the PIL one in transformers 4.51)")
     parser.add_argument("--eval_every_epoch", action="store_true", help="evaluate on validation after each epoch")
     parser.add_argument("--save", action="store_true",
                         help="write what the guide's recipe writes, as the example does by default: a checkpoint at "
@@ -44,7 +47,8 @@ def main():
     args = parse_args()
     splits = load_dataset("imagefolder", data_dir=args.dataset)
     names = splits["train"].features["label"].names
-    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path,
+                                                   **({"use_fast": True} if args.fast_image_processor else {}))
 
     def transform(batch):
         inputs = processor([image.convert("RGB") for image in batch["image"]], return_tensors="pt")

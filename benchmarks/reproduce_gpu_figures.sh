@@ -6,14 +6,17 @@
 # timed from the shell, then the training-step benchmark with a profile of each configuration.
 #   DATASET=/path/to/beans MODEL=/path/to/model LOG_DIR=./benchmark_logs bash benchmarks/reproduce_gpu_figures.sh [PART]
 # PART: end_to_end, steps, both (the default: end_to_end then steps), autotune (the batch-128 references with
-# inductor's autotuning as well: about 5 minutes), or streaming (about 6 minutes on an H100: a 52,000-image folder of 500x500
+# inductor's autotuning as well: about 5 minutes), or streaming (about 8 minutes: a 52,000-image folder of 500x500
 # JPEGs made from beans, trained on for two epochs by a random-weight ViT-B/16 at batch 128 with torch_ddp, streamed
-# and cached, beside the same plugin's synthetic-batch rate and the Hugging Face recipe on the same folder).
+# and cached, beside the same plugin's synthetic-batch rate and the Hugging Face recipe on the same folder, with the
+# example's loader workers and image processor and at its own defaults; and the streamed run's saved model served
+# through `pipeline` against the example's own input path, benchmarks/serving_agreement.py).
 # largest (about 35 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT from g/14 to
 # 8B/14 (step_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin without
 # and with offload), then the offloading ones at ViT-G/14.
 # Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
-# profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log; for largest largest.json,
+# profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log, serving_agreement.json; for
+# largest largest.json,
 # vit_g.json and their .log and _logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the example's folder, where relative paths given here are read
@@ -184,15 +187,25 @@ V(ViTConfig(num_labels=3)).save_pretrained(sys.argv[1]); AutoImageProcessor.from
     echo "example, $mode, $data, $workers workers: $wall s"
     echo "$name $mode $data $wall" >>"$RUN_ROOT/streaming_walls"
   done
-  wall=$(seconds_of sh -c "python3 benchmarks/hf_recipe.py --model_name_or_path $vit_b --dataset $LARGE_DATASET \
-    --batch_size $STREAM_BS --num_epoch 1 --output_path $RUN_ROOT/hf_recipe >$RUN_ROOT/hf_recipe.json")
-  echo "Hugging Face recipe, large_beans: $wall s"
+  # is the saved model served as training measured it? (the 500x500 validation images, through predict.py's path)
+  python3 -m benchmarks.serving_agreement --model "$RUN_ROOT/stream_large_beans_default" --dataset "$LARGE_DATASET" \
+    | tee "$LOG_DIR/serving_agreement.json"
+  # the recipe with the example's loader workers and image processor, then at its own defaults
+  workers=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['data']['num_workers'])" \
+    "$RUN_ROOT/stream_large_beans_default/results.json")
+  for recipe in "same --num_workers $workers --fast_image_processor" "defaults"; do
+    read -r name options <<<"$recipe"
+    wall=$(seconds_of sh -c "python3 benchmarks/hf_recipe.py --model_name_or_path $vit_b --dataset $LARGE_DATASET \
+      --batch_size $STREAM_BS --num_epoch 1 $options --output_path $RUN_ROOT/hf_$name >$RUN_ROOT/hf_recipe_$name.json")
+    echo "Hugging Face recipe, large_beans, $name: $wall s"
+    echo "$name $wall ${options:-}" >>"$RUN_ROOT/recipe_walls"
+  done
   step_table synthetic CONFIGURATIONS=torch_ddp BATCH_SIZES="$STREAM_BS"
-python3 - "$RUN_ROOT" "$LOG_DIR" "$wall" <<'PY'
+python3 - "$RUN_ROOT" "$LOG_DIR" <<'PY'
 import json
 import sys
 
-run_root, log_dir, recipe_wall = sys.argv[1:]
+run_root, log_dir = sys.argv[1:]
 synthetic = json.load(open(f"{log_dir}/synthetic.json"))
 synthetic_rate = next(row["images_per_second"] for row in synthetic["rows"] if row["configuration"] == "torch_ddp")
 rows = {}
@@ -208,13 +221,16 @@ for line in open(f"{run_root}/streaming_walls"):
         "data_wait_share": seconds["data_wait"] / seconds["train"],
         "setup_seconds": seconds["setup"], **results["memory"],
         "validation_accuracy": results["epochs"][-1]["validation"]["accuracy"]}
-recipe = json.loads(open(f"{run_root}/hf_recipe.json").read().splitlines()[-1])
-rows["Hugging Face recipe (8 workers), large_beans"] = {
-    "wall_seconds": float(recipe_wall), "train_images": recipe["train_images"], "epochs": 1,
-    "images_per_second": recipe["train_images_per_second"], "last_epoch_images_per_second": None,
-    "data_wait_share": None,
-    "setup_seconds": recipe["setup_seconds"], "peak_host_gib": recipe["peak_host_gib"],
-    "peak_gpu_gib": recipe["peak_gpu_gib"], "validation_accuracy": recipe["validation_accuracy"]}
+for line in open(f"{run_root}/recipe_walls"):
+    name, wall, *options = line.split()
+    recipe = json.loads(open(f"{run_root}/hf_recipe_{name}.json").read().splitlines()[-1])
+    how = (f"{options[1]} workers, fast image processor, as the example" if options
+           else "its defaults: 8 workers, PIL image processor")
+    rows[f"Hugging Face recipe, large_beans, {how}"] = {
+        "wall_seconds": float(wall), "train_images": recipe["train_images"], "epochs": 1,
+        "images_per_second": recipe["train_images_per_second"], "last_epoch_images_per_second": None,
+        "data_wait_share": None, "setup_seconds": recipe["setup_seconds"], "peak_host_gib": recipe["peak_host_gib"],
+        "peak_gpu_gib": recipe["peak_gpu_gib"], "validation_accuracy": recipe["validation_accuracy"]}
 print(f"torch_ddp synthetic batches (step_benchmark.py): {synthetic_rate:.0f} images/s")
 print("| run | train images | epochs | images/s, whole run | images/s, last epoch | last epoch vs synthetic | "
       "data wait share | setup s | wall s | peak host GiB | peak GPU GiB | validation accuracy |")

@@ -14,7 +14,7 @@ set -euo pipefail
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 CONFIGURATIONS=${CONFIGURATIONS:-torch,torch_compile,torch_ddp,torch_ddp_fp16,low_level_zero,gemini,hybrid_parallel}
-MODEL_SIZES=${MODEL_SIZES:-}       # tiny, B/16, L/16, H/14, g/14, G/14, e/14, 5.5B/14, 6.5B/14, 8B/14 (default: B/16, tiny on CPU)
+MODEL_SIZES=${MODEL_SIZES:-}       # tiny, B/16, L/16, H/14, g/14, G/14, e/14, 5.5B/14, 6.5B/14, 8B/14, 22B/14 (default: B/16, tiny on CPU)
 BATCH_SIZES=${BATCH_SIZES:-32,128}  # batch size of each GPU
 GPUNUM=${GPUNUM:-1}                 # >1 times the plugins data-parallel over GPUNUM GPUs (references need 1)
 STEPS=${STEPS:-30}                  # timed steps of each configuration, after WARMUP_STEPS

@@ -37,11 +37,10 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 import colossalai
-from colossalai.accelerator import get_accelerator
 from colossalai.testing import free_port
 from transformers import ViTConfig, ViTForImageClassification
 
-from devices import SINGLE_PROCESS_ENV, cap_gpu_memory
+from devices import init_distributed
 from evaluation import cross_entropy
 from plugins import (OFFLOADS, PLUGINS, Boosted, PluginSettings, Topology, build_booster, build_optimizer,
                      default_precision, forward_backward, precision_error, settings_error)
@@ -50,12 +49,12 @@ REFERENCES = ("torch", "torch_compile", "torch_compile_max_autotune")
 PEERS = ("deepspeed_zero2_offload", "deepspeed_zero3_offload")
 DEFAULT_CONFIGURATIONS = ("torch", "torch_compile", *PLUGINS)  # max-autotune only on request: minutes of tuning
 # hidden size, layers, MLP size, attention heads, patch size: ViT-B/L/H (Dosovitskiy et al.), g/G (Zhai et al.),
-# e (PaLI), and larger ones: InternViT-6B's shape (5.5B parameters at 224 pixels), 6.5B and 8B; tiny, a 32-pixel ViT
-# for a quick run on the CPU
+# e (PaLI), and larger ones: InternViT-6B's shape (5.5B parameters at 224 pixels), 6.5B, 8B and ViT-22B's (Dehghani
+# et al.); tiny, a 32-pixel ViT for a quick run on the CPU
 SIZES = {"tiny": (64, 2, 128, 2, 8), "B/16": (768, 12, 3072, 12, 16), "L/16": (1024, 24, 4096, 16, 16),
          "H/14": (1280, 32, 5120, 16, 14), "g/14": (1408, 40, 6144, 16, 14), "G/14": (1664, 48, 8192, 16, 14),
          "e/14": (1792, 56, 15360, 16, 14), "5.5B/14": (3200, 45, 12800, 25, 14), "6.5B/14": (3584, 42, 14336, 28, 14),
-         "8B/14": (4096, 40, 16384, 32, 14)}
+         "8B/14": (4096, 40, 16384, 32, 14), "22B/14": (6144, 48, 24576, 48, 14)}
 
 
 Configuration = collections.namedtuple("Configuration", "setup plugin offload fraction precision parts")
@@ -293,13 +292,7 @@ def is_colossalai(name):
 
 def time_configurations(args):
     """Every configuration at every size and batch size, in this process (launched by torchrun)."""
-    for name, value in SINGLE_PROCESS_ENV.items():
-        os.environ.setdefault(name, value)
-    accelerator = get_accelerator()
-    colossalai.launch_from_torch(backend=accelerator.communication_backend, seed=0, verbose=False)
-    device = accelerator.get_current_device()
-    if args.max_gpu_memory_gib:
-        cap_gpu_memory(args.max_gpu_memory_gib, device)
+    device = init_distributed(seed=0, max_gpu_memory_gib=args.max_gpu_memory_gib)
     world_size = dist.get_world_size()
     reporting = dist.get_rank() == 0
     configurations = [name for name in args.configurations if is_colossalai(name) or world_size == 1]

@@ -9,8 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
+from colossalai.testing import free_port
 from datasets import ClassLabel, Dataset, Features, Value
 from datasets import Image as ImageFeature
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("TEST_DATA_CACHE", Path.home() / ".cache" / "vit-finetuning-tests"))
@@ -57,17 +59,35 @@ MODEL_DIR = locate("MODEL_DIR", ROOT.parent / "shared" / "models" / "deit-tiny-p
 LABELS = ["angular_leaf_spot", "bean_rust", "healthy"]
 
 
+def example_env(gpu=False, **variables):
+    """The environment of one run of the example: this one, a free rendezvous port and `variables` as strings. The
+    CPU tests' runs see no GPU on a machine that has one too (GPUNUM=2 would want two there); `gpu` shows it."""
+    env = {**os.environ, "MASTER_PORT": str(free_port()), **{name: str(value) for name, value in variables.items()}}
+    return env if gpu else {**env, "CUDA_VISIBLE_DEVICES": ""}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where there is none")
 
 
-def copy_beans(destination, per_label, splits=("train", "validation", "test"), labels=LABELS):
-    """A small image-folder copy of beans: the first `per_label` real images of each label in each split."""
+# sizes of photos as users have them: the hub's beans originals (500x500), landscape and portrait
+FULL_SIZES = [(500, 500), (640, 480), (375, 500)]
+
+
+def copy_beans(destination, per_label, splits=("train", "validation", "test"), labels=LABELS, full_size=False):
+    """An image-folder copy of beans: the first `per_label` real images (all: None) of each label in each split.
+    full_size: each scaled up to one of FULL_SIZES in turn and saved as a JPEG, as the test copies in ../shared are
+    224 px, where resizing to the model's resolution changes nothing."""
     for split in splits:
         for label in labels:
             (destination / split / label).mkdir(parents=True)
-            for image in sorted((BEANS_DIR / split / label).iterdir())[:per_label]:
-                shutil.copy(image, destination / split / label / image.name)
+            for number, image in enumerate(sorted((BEANS_DIR / split / label).iterdir())[:per_label]):
+                if full_size:
+                    with Image.open(image) as picture:
+                        picture.resize(FULL_SIZES[number % len(FULL_SIZES)], Image.Resampling.BICUBIC).save(
+                            destination / split / label / image.name, quality=90)
+                else:
+                    shutil.copy(image, destination / split / label / image.name)
     return destination
 
 

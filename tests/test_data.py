@@ -3,6 +3,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pandas
 import psutil
 import pytest
 import torch
@@ -10,6 +11,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import AutoImageProcessor
+from transformers.image_utils import load_image
 
 from conftest import BEANS_DIR, LABELS, MODEL_DIR, copy_beans, write_hub_snapshot
 from data import label_names, load_splits, random_subsets, standardise_columns
@@ -46,18 +48,25 @@ def test_local_beans_loads_with_its_splits_and_labels():
     assert label_names(splits, str(BEANS_DIR)) == LABELS
 
 
+@pytest.fixture(scope="module")
+def full_size_validation(tmp_path_factory):
+    folder = copy_beans(tmp_path_factory.mktemp("full_size"), per_label=1, splits=["train"])
+    return copy_beans(folder, per_label=None, splits=["validation"], full_size=True)
+
+
+@pytest.mark.parametrize("sizes", ["224 px", "full size"])
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "streamed"])
-def test_whole_split_becomes_normalised_tensors(image_processor, cached):
-    pixel_values, labels = to_tensors(load_splits(str(BEANS_DIR))["validation"], image_processor, cached)
+def test_whole_split_becomes_what_the_saved_model_is_served(image_processor, full_size_validation, cached, sizes):
+    folder = BEANS_DIR if sizes == "224 px" else full_size_validation
+    split = load_splits(str(folder))["validation"]
+    pixel_values, labels = to_tensors(split, image_processor, cached)
     assert pixel_values.shape == (133, 3, 224, 224) and pixel_values.dtype == torch.float32
     assert torch.bincount(labels).tolist() == [44, 45, 44]
     # ImageNet mean/std normalisation: values spread around 0, within the range of (0 - 0.485) / 0.229 and so on
     assert -2.2 < pixel_values.min() < -1.0 and 1.0 < pixel_values.max() < 2.7
-    # the image processor's own preprocessing, up to its float rounding of the same uint8 pixels
-    reference = image_processor([Image.open(path).convert("RGB") for path in
-                                 sorted((BEANS_DIR / "validation" / "angular_leaf_spot").iterdir())[:4]],
-                                return_tensors="pt")["pixel_values"]
-    assert torch.allclose(pixel_values[:4], reference, atol=1e-5)
+    # what `pipeline` makes of each file (predict.py serves through it), up to the float rounding of the same pixels
+    served = image_processor([load_image(cell["path"]) for cell in split["image"]], return_tensors="pt")["pixel_values"]
+    assert (pixel_values - served).abs().max() < 1e-5
 
 
 def test_cached_and_streamed_batches_are_the_same(image_processor):
@@ -308,13 +317,33 @@ def test_columns_are_found_by_type_or_named(tmp_path):
     image = str(next((BEANS_DIR / "test" / "healthy").iterdir()))
     split = Dataset.from_dict({"photo": [image] * 2, "thumbnail": [image] * 2, "disease": ["rust", "healthy"]},
                               features=features)
-    with pytest.raises(RunError, match="the train split has 2 image columns .*; name the one to use with --image_column"):
+    with pytest.raises(RunError, match=r"^cannot tell the image and label column of the train split of leaves by type "
+                                       r"or name \(features: .*\); name them with --image_column NAME and "
+                                       r"--label_column NAME$"):
         standardise_columns(split, "leaves", "train")
+    with pytest.raises(RunError, match=r"^cannot tell the label column .*; name it with --label_column NAME$"):
+        standardise_columns(split, "leaves", "train", image_column="photo")
     with pytest.raises(RunError, match="--image_column picture is not a column of the train split "
                                        "\\(columns: photo, thumbnail, disease\\)"):
         standardise_columns(split, "leaves", "train", image_column="picture")
     named = standardise_columns(split, "leaves", "train", image_column="photo", label_column="disease")
     assert named.features["labels"].names == ["healthy", "rust"] and named["labels"] == [1, 0]
+
+
+def test_a_parquet_file_written_from_pandas_trains_with_its_columns_found_by_name(tmp_path):
+    """pandas writes an image column as {bytes, path} structs and labels as strings: found as the Hugging Face
+    examples find them, by the names img and label."""
+    for split in ("train", "validation"):
+        paths = [path for label in ("healthy", "bean_rust") for path in sorted((BEANS_DIR / split / label).iterdir())[:2]]
+        frame = pandas.DataFrame({"img": [{"bytes": path.read_bytes(), "path": path.name} for path in paths],
+                                  "label": [path.parent.name for path in paths], "note": ["leaf"] * 4})
+        (tmp_path / "data").mkdir(exist_ok=True)
+        frame.to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+    splits = load_splits(str(tmp_path))
+    assert splits["train"].features["labels"].names == ["bean_rust", "healthy"]
+    assert splits["validation"]["labels"] == [1, 1, 0, 0]
+    pixel_values, _ = to_tensors(splits["validation"], AutoImageProcessor.from_pretrained(MODEL_DIR, use_fast=True))
+    assert pixel_values.shape == (4, 3, 224, 224)
 
 
 def test_sample_limits_take_a_seeded_subset_of_each_split():

@@ -2,6 +2,7 @@
 import json
 import os
 from datetime import timedelta
+from unittest import mock
 
 import pytest
 import torch
@@ -47,7 +48,8 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
 
 def run_evaluation(world_size, batch_size, tmp_path):
     result_file = tmp_path / f"metrics_{world_size}_{batch_size}.json"
-    mp.spawn(evaluate_on_ranks, args=(world_size, free_port(), batch_size, result_file), nprocs=world_size)
+    with mock.patch.dict(os.environ, CUDA_VISIBLE_DEVICES=""):  # the CPU's ranks, on a machine with a GPU too
+        mp.spawn(evaluate_on_ranks, args=(world_size, free_port(), batch_size, result_file), nprocs=world_size)
     return json.loads(result_file.read_text())
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BEANS_DIR, LABELS, MODEL_DIR, ROOT, copy_beans
+from conftest import BEANS_DIR, LABELS, MODEL_DIR, ROOT, copy_beans, example_env
 from test_end_to_end import check_pipeline_classifies_test_split, check_schema, run_finetuning
 from test_reliability import kill_job, metrics, run_to_end, start_run, wait_for
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("plugin", ["torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel"])
 def test_plugin_reaches_published_accuracy_on_one_gpu(tmp_path, plugin):
     output_path = tmp_path / "model"
-    run, results = run_finetuning(output_path, PLUGIN=plugin, GPUNUM=1, DATASET=BEANS_DIR, BS=32, LR=1e-4,
+    run, results = run_finetuning(output_path, gpu=True, PLUGIN=plugin, GPUNUM=1, DATASET=BEANS_DIR, BS=32, LR=1e-4,
                                   EPOCH=5, WEIGHT_DECAY=0.5, WARMUP_RATIO=0.3)
     if os.environ.get("GPU_RESULTS_DIR"):
         shutil.copy(output_path / "results.json", os.path.join(os.environ["GPU_RESULTS_DIR"], f"{plugin}.json"))
@@ -51,7 +51,7 @@ def test_offloaded_training_resumes_after_a_kill(tmp_path, plugin, offload):
 
 def check_resume_after_a_kill(tmp_path, name, **settings):
     """Kills a 2-epoch run after its step-10 checkpoint, resumes it, and compares it with an uninterrupted run."""
-    settings = {"GPUNUM": 1, "BS": 32, "LR": 1e-4, "EPOCH": 2, "WARMUP_RATIO": 0.3, "WEIGHT_DECAY": 0.5,
+    settings = {"gpu": True, "GPUNUM": 1, "BS": 32, "LR": 1e-4, "EPOCH": 2, "WARMUP_RATIO": 0.3, "WEIGHT_DECAY": 0.5,
                 "SAVE_EVERY": 10, "KEEP_CHECKPOINTS": 2, **settings}
     _, uninterrupted = run_to_end(BEANS_DIR, tmp_path / "uninterrupted", **settings)
     output_path = tmp_path / "interrupted"
@@ -79,7 +79,7 @@ def test_pipeline_trains_on_after_evaluating_a_short_last_batch(tmp_path):
     """Two pipeline stages, 36 images a split at batch 32: each evaluation ends in a batch of 4, after which
     Colossal-AI's schedule would refuse the next epoch's batch of 32 unless the evaluation batches are padded."""
     dataset = copy_beans(tmp_path / "beans", per_label=12)
-    run, results = run_finetuning(tmp_path / "model", PLUGIN="hybrid_parallel", PP_SIZE=2, GPUNUM=2,
+    run, results = run_finetuning(tmp_path / "model", gpu=True, PLUGIN="hybrid_parallel", PP_SIZE=2, GPUNUM=2,
                                   DATASET=dataset, BS=32, EPOCH=2)
     assert "(tensor parallel 1, pipeline parallel 2 in microbatches of 16);" in run.stdout
     assert len(results["epochs"]) == 2 and results["config"]["pp_size"] == 2
@@ -88,13 +88,12 @@ def test_pipeline_trains_on_after_evaluating_a_short_last_batch(tmp_path):
 
 
 def test_a_memory_cap_holds_and_running_out_under_it_is_one_line(tmp_path):
-    _, results = run_finetuning(tmp_path / "capped", PLUGIN="torch_ddp", DATASET=BEANS_DIR, EPOCH=1,
+    _, results = run_finetuning(tmp_path / "capped", gpu=True, PLUGIN="torch_ddp", DATASET=BEANS_DIR, EPOCH=1,
                                 MAX_GPU_MEMORY_GIB=3)
     assert 0 < results["memory"]["peak_gpu_gib"] <= 3 and results["config"]["max_gpu_memory_gib"] == 3
     run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PLUGIN": "torch_ddp", "DATASET": str(BEANS_DIR), "MODEL": str(MODEL_DIR),
-                              "BS": "512", "EPOCH": "1", "MAX_GPU_MEMORY_GIB": "0.5",
-                              "OUTPUT_PATH": str(tmp_path / "too_small")})
+                         env=example_env(gpu=True, PLUGIN="torch_ddp", DATASET=BEANS_DIR, MODEL=MODEL_DIR, BS=512,
+                                         EPOCH=1, MAX_GPU_MEMORY_GIB=0.5, OUTPUT_PATH=tmp_path / "too_small"))
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(
         f"error: out of GPU memory under the --max_gpu_memory_gib 0.5 cap, training {MODEL_DIR} (5.5M parameters) at "

@@ -3,13 +3,13 @@ torchrun, plain python (the default for one), paths with spaces through each, an
 works and of one that fails."""
 import os
 import re
+import socket
 import subprocess
 import sys
 
 import pytest
-from colossalai.testing import free_port
 
-from conftest import MODEL_DIR, ROOT, copy_beans
+from conftest import MODEL_DIR, ROOT, copy_beans, example_env
 from test_end_to_end import run_finetuning
 
 SETTINGS = {"PLUGIN": "torch_ddp", "BS": 6, "EPOCH": 2, "AUGMENT": 0, "LABEL_SMOOTHING": 0, "KEEP_CHECKPOINTS": 0}
@@ -64,10 +64,8 @@ def test_each_launcher_runs_with_spaces_in_every_path(spaced, launcher, processe
 @pytest.mark.parametrize("launcher", ["colossalai", "torchrun"])
 def test_a_bad_input_on_two_processes_is_said_once_and_last(tmp_path, launcher):
     run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, **{name: str(value) for name, value in SETTINGS.items()},
-                              "LAUNCHER": launcher, "GPUNUM": "2", "MASTER_PORT": str(free_port()),
-                              "MODEL": str(MODEL_DIR), "DATASET": "/no/such/beans",
-                              "OUTPUT_PATH": str(tmp_path / "model")})
+                         env=example_env(**SETTINGS, LAUNCHER=launcher, GPUNUM=2, MODEL=MODEL_DIR,
+                                         DATASET="/no/such/beans", OUTPUT_PATH=tmp_path / "model"))
     assert run.returncode == 1
     shown = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(shown) == 1, shown  # nothing but the error, once: no launcher traceback, no library chatter
@@ -82,7 +80,7 @@ def test_a_bad_input_on_two_processes_is_said_once_and_last(tmp_path, launcher):
 ])
 def test_a_launcher_setting_that_cannot_work_is_refused_in_one_line(variables, message):
     run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PLUGIN": "torch_ddp", **variables})
+                         env=example_env(PLUGIN="torch_ddp", **variables))
     assert run.returncode == 2
     assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith(message)
 
@@ -92,11 +90,16 @@ def test_a_launcher_setting_that_cannot_work_is_refused_in_one_line(variables, m
     ({"LAUNCHER": "torchrun", "GPUNUM": "2"}, "error: torchrun is not installed: run 'pip install -r requirements.txt'"),
 ])
 def test_a_machine_without_the_packages_is_told_to_install_them_in_one_line(tmp_path, variables, message):
-    # on PATH: system tools, and this Python without its site-packages (no torch, no colossalai, no torchrun)
+    # on PATH: the system's tools less its Pythons and the packages' commands (wherever they are installed), and
+    # this Python without its site-packages (no torch, no colossalai)
+    for folder in ("/bin", "/usr/bin"):
+        for tool in os.listdir(folder):
+            if not (tool.startswith("python") or tool in ("torchrun", "colossalai") or (tmp_path / tool).exists()):
+                os.symlink(os.path.join(folder, tool), tmp_path / tool)
     (tmp_path / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
     (tmp_path / "python3").chmod(0o755)
     run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin", "PLUGIN": "torch_ddp", **variables})
+                         env=example_env(PATH=tmp_path, PLUGIN="torch_ddp", **variables))
     assert run.returncode == 1
     assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith(message), run.stderr
     assert run.stdout == ""
@@ -136,3 +139,24 @@ def test_starting_leaves_pytorch_s_compiler_unloaded_and_enabled():
         run = subprocess.run(["python3", "-c", check], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.strip() == str(setting)
+
+
+def test_a_second_job_on_the_machine_runs_alone_or_is_told_which_port_to_change(spaced, tmp_path):
+    """Another job holds the default rendezvous port: one process needs none and trains; several stop in one line."""
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 29500))
+        busy.listen()
+        for processes in (1, 2):
+            env = example_env(**{**SETTINGS, "EPOCH": 1}, GPUNUM=processes, DATASET=spaced["DATASET"], MODEL=MODEL_DIR,
+                              OUTPUT_PATH=tmp_path / f"model_{processes}")
+            del env["MASTER_PORT"]
+            run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=600)
+            if processes == 1:
+                assert run.returncode == 0, run.stderr[-3000:]
+                assert (tmp_path / "model_1" / "results.json").exists()
+            else:
+                assert run.returncode == 1 and run.stdout == ""
+                assert run.stderr == ("error: port 29500 on 127.0.0.1 is taken, by another job perhaps; set MASTER_PORT "
+                                      "to a free one\n")

@@ -12,9 +12,8 @@ import time
 
 import psutil
 import pytest
-from colossalai.testing import free_port
 
-from conftest import MODEL_DIR, ROOT, copy_beans
+from conftest import MODEL_DIR, ROOT, copy_beans, example_env
 from data import load_splits
 from images import training_index_batches
 
@@ -22,9 +21,8 @@ SETTINGS = {"PLUGIN": "torch_ddp", "GPUNUM": 2, "BS": 3, "EPOCH": 2, "LR": 1e-4,
             "SAVE_EVERY": 2, "KEEP_CHECKPOINTS": 3}
 
 
-def start_run(dataset, output_path, **overrides):
-    env = {**os.environ, "MODEL": str(MODEL_DIR), "DATASET": str(dataset), "OUTPUT_PATH": str(output_path),
-           "MASTER_PORT": str(free_port()), **{name: str(value) for name, value in {**SETTINGS, **overrides}.items()}}
+def start_run(dataset, output_path, gpu=False, **overrides):
+    env = example_env(gpu, MODEL=MODEL_DIR, DATASET=dataset, OUTPUT_PATH=output_path, **{**SETTINGS, **overrides})
     return subprocess.Popen(["bash", "run_finetuning.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -113,8 +111,11 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(dataset
 def test_one_rank_dying_ends_the_whole_job_quickly_and_non_zero(dataset, tmp_path):
     process = start_run(dataset, tmp_path / "model")
     wait_for((tmp_path / "model" / "checkpoints" / "step_0000002").exists, process)
-    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
-               if "vit_train_demo.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == "1"]
+    def of_rank_1(process):
+        return "vit_train_demo.py" in " ".join(process.cmdline()) and process.environ().get("RANK") == "1"
+
+    workers = [child for child in psutil.Process(process.pid).children(recursive=True)  # not its loader workers
+               if of_rank_1(child) and not of_rank_1(child.parent())]
     assert len(workers) == 1
     killed_at = time.monotonic()
     workers[0].kill()
@@ -136,16 +137,25 @@ def test_resume_from_a_folder_that_is_no_checkpoint_is_named(dataset, tmp_path):
     assert f"error: --resume_from {tmp_path} is not a complete checkpoint" in output
 
 
+def mount_namespace_command():
+    """unshare with a mount namespace of this test's own: as root, else inside a user namespace where it is root."""
+    for command in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        if subprocess.run([*command, "true"], capture_output=True).returncode == 0:
+            return command
+    pytest.skip("needs mount namespaces: root, or a kernel that lets users have user namespaces")
+
+
 def test_full_disk_is_reported_with_the_path(dataset, tmp_path):
     # a 20 MB file system of our own (a private mount namespace): the first checkpoint, ~66 MB, does not fit
+    unshare = mount_namespace_command()
     mount_point = tmp_path / "small_disk"
     mount_point.mkdir()
     output_path = mount_point / "model"
     command = (f"mount -t tmpfs -o size=20m tmpfs {mount_point} && exec {sys.executable} vit_train_demo.py "
                f"--plugin torch_ddp --dataset {dataset} --model_name_or_path {MODEL_DIR} --output_path {output_path} "
                "--num_epoch 1 --batch_size 6")
-    run = subprocess.run(["unshare", "--mount", "sh", "-c", command], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "MASTER_PORT": str(free_port())}, timeout=300)
+    run = subprocess.run([*unshare, "sh", "-c", command], cwd=ROOT, capture_output=True, text=True,
+                         env=example_env(), timeout=300)
     assert run.returncode == 1
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"error: cannot write {output_path}/checkpoints/step_0000006.partial: ")
@@ -155,7 +165,8 @@ def test_full_disk_is_reported_with_the_path(dataset, tmp_path):
 @pytest.fixture(scope="module")
 def streamed(dataset, tmp_path_factory):
     """The uninterrupted run again, its images streamed because they do not fit a tiny cache budget."""
-    output, results = run_to_end(dataset, tmp_path_factory.mktemp("streamed") / "model", CACHE_BUDGET_GIB=0.001)
+    output, results = run_to_end(dataset, tmp_path_factory.mktemp("streamed") / "model", CACHE_BUDGET_GIB=0.001,
+                                 NUM_WORKERS=1)
     assert "data: streaming 108 images through 1 loader worker (0.02 GiB as uint8, over the 0.00 GiB budget " \
            "(--cache_budget_gib))" in output
     return results

@@ -1,19 +1,16 @@
 """experiments/run_sweep.sh on the CPU: one run per batch size and learning rate, and the table made of their
 results."""
 import json
-import os
 import subprocess
 
-from colossalai.testing import free_port
 
-from conftest import MODEL_DIR, ROOT, copy_beans
+from conftest import MODEL_DIR, ROOT, copy_beans, example_env
 
 
 def test_sweep_runs_every_pair_and_tabulates_each_final_epoch(tmp_path):
     dataset = copy_beans(tmp_path / "beans", per_label=6)
-    env = {**os.environ, "BS_LIST": "4 6", "LR_LIST": "1e-4", "EPOCH": "1", "PLUGIN": "torch_ddp", "LAUNCHER": "python",
-           "DATASET": str(dataset), "MODEL": str(MODEL_DIR), "OUTPUT_PATH": str(tmp_path / "sweep"),
-           "MASTER_PORT": str(free_port())}
+    env = example_env(BS_LIST="4 6", LR_LIST="1e-4", EPOCH=1, PLUGIN="torch_ddp", LAUNCHER="python", DATASET=dataset,
+                      MODEL=MODEL_DIR, OUTPUT_PATH=tmp_path / "sweep")
     run = subprocess.run(["bash", "experiments/run_sweep.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
