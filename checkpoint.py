@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `<output_path>/checkpoints/step_<global step>/` holding the model and optimizer (sharded
 as each plugin saves them), the learning-rate scheduler, and one `state_rank<r>.pt` per process with the training
-state (TrainingState) and that process's random-number-generator states. It is written under a `.partial` name and
+state (TrainingState), that process's random-number-generator states and, for the plugins that would rebuild them
+from the 16-bit model, its share of the fp32 master weights. It is written under a `.partial` name and
 renamed when every process has finished, so a run killed while saving leaves the previous checkpoint as the latest.
 """
 import dataclasses
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from errors import RunError
-from plugins import restore_optimizer
+from plugins import PLUGINS, restore_optimizer
 
 PARTIAL = ".partial"
 
@@ -66,8 +67,14 @@ def write_errors_named(path):
         raise RunError(f"cannot write {path}: {reason}; free some disk space or pass another --output_path") from None
 
 
-def save_checkpoint(boosted, state, output_path, keep):
-    """Writes `boosted` (plugins.Boosted) and `state` as checkpoint step_<global step>, keeping the `keep` newest."""
+def master_weights(optimizer):
+    """The fp32 weights the optimizer steps, this rank's share (the 16-bit plugins' master weights)."""
+    return [parameter for group in optimizer.optim.param_groups for parameter in group["params"]]
+
+
+def save_checkpoint(boosted, state, output_path, keep, plugin):
+    """Writes `boosted` (plugins.Boosted, trained with `plugin`) and `state` as checkpoint step_<global step>,
+    keeping the `keep` newest."""
     booster = boosted.booster
     final = os.path.join(checkpoint_root(output_path), f"step_{state.global_step:07d}")
     partial = final + PARTIAL
@@ -83,8 +90,10 @@ def save_checkpoint(boosted, state, output_path, keep):
         booster.save_optimizer(boosted.optimizer, os.path.join(partial, "optimizer"), shard=torch.cuda.is_available())
         booster.save_lr_scheduler(boosted.lr_scheduler, os.path.join(partial, "lr_scheduler.pt"))
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        torch.save({"progress": dataclasses.asdict(state), "rng": rng, "world_size": dist.get_world_size()},
-                   os.path.join(partial, f"state_rank{rank}.pt"))
+        masters = ([weight.detach().cpu() for weight in master_weights(boosted.optimizer)]
+                   if PLUGINS[plugin].master_weights_rebuilt_from_model else None)
+        torch.save({"progress": dataclasses.asdict(state), "rng": rng, "world_size": dist.get_world_size(),
+                    "master_weights": masters}, os.path.join(partial, f"state_rank{rank}.pt"))
         dist.barrier()
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)  # written before, by a run resumed from an older checkpoint
@@ -129,6 +138,10 @@ def load_checkpoint(boosted, checkpoint, plugin):
                        f"{', '.join(missing)}); resume it with that version, or start afresh in another output path")
     boosted.booster.load_model(boosted.model, os.path.join(checkpoint, "model"))
     restore_optimizer(boosted.booster, boosted.optimizer, os.path.join(checkpoint, "optimizer"), plugin)
+    if state.get("master_weights") is not None:  # over the ones rebuilt from the 16-bit model: resume is exact
+        with torch.no_grad():
+            for weight, saved in zip(master_weights(boosted.optimizer), state["master_weights"], strict=True):
+                weight.copy_(saved)
     boosted.booster.load_lr_scheduler(boosted.lr_scheduler, os.path.join(checkpoint, "lr_scheduler.pt"))
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"] is not None:

@@ -81,17 +81,21 @@ class Plugin:
     # Colossal-AI 0.5.0 restores its optimizer's step counts on the CPU, and PyTorch's fused AdamW takes them only
     # beside their parameters
     step_counts_restored_on_host: bool = False
+    # Colossal-AI 0.5.0's checkpoint IO rebuilds the fp32 master weights from the saved 16-bit model
+    # (update_master_params, after load_model), losing what 16 bits round off: the example saves them itself
+    master_weights_rebuilt_from_model: bool = False
 
 
 PLUGINS = {
     "torch_ddp": Plugin(build_torch_ddp, on_cpu=True, autocast=True),
     "torch_ddp_fp16": Plugin(build_torch_ddp, precisions=("fp16",), autocast=True, variant_of="torch_ddp"),
-    "low_level_zero": Plugin(build_low_level_zero, offloads=("none", "optimizer"), step_counts_restored_on_host=True),
+    "low_level_zero": Plugin(build_low_level_zero, offloads=("none", "optimizer"), step_counts_restored_on_host=True,
+                             master_weights_rebuilt_from_model=True),
     "gemini": Plugin(build_gemini, precisions=("bf16", "fp16"), offloads=OFFLOADS, offload_fraction=True,
                      colossalai_adam_only=True),
     "hybrid_parallel": Plugin(build_hybrid_parallel, offloads=("none", "optimizer"),
                               offload_precisions=("bf16", "fp16"), model_parallel=True,
-                              step_counts_restored_on_host=True),
+                              step_counts_restored_on_host=True, master_weights_rebuilt_from_model=True),
 }
 
 

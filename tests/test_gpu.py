@@ -65,12 +65,9 @@ def check_resume_after_a_kill(tmp_path, name, **settings):
         (Path(os.environ["GPU_RESULTS_DIR"]) / f"resume_{name}.json").write_text(
             json.dumps({"uninterrupted": metrics(uninterrupted), "resumed": metrics(resumed)}))
     assert resumed["data"]["mode"] == uninterrupted["data"]["mode"]
-    if settings["PLUGIN"] == "gemini":  # its checkpoint holds the fp32 master weights: the resumed run is the same run
-        assert metrics(resumed) == metrics(uninterrupted)
-    else:  # the others rebuild their fp32 master weights from the saved bf16 model, losing what bf16 rounds off
-        final, final_resumed = uninterrupted["epochs"][-1], resumed["epochs"][-1]
-        assert final_resumed["validation"]["loss"] == pytest.approx(final["validation"]["loss"], rel=0.1)
-        assert final_resumed["validation"]["accuracy"] >= 0.94 and resumed["test"]["accuracy"] >= 0.94
+    # each checkpoint holds the fp32 master weights (gemini's through its own IO, the others' beside the model):
+    # the resumed run is the same run
+    assert metrics(resumed) == metrics(uninterrupted)
     return resumed
 
 
