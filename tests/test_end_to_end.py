@@ -14,7 +14,7 @@ from data import load_splits
 
 
 def run_finetuning(output_path, gpu=False, **variables):
-    env = example_env(gpu, MODEL=MODEL_DIR, OUTPUT_PATH=output_path, **variables)
+    env = example_env(gpu, **{"MODEL": MODEL_DIR, "OUTPUT_PATH": output_path, **variables})
     run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1800)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
