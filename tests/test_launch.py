@@ -110,13 +110,13 @@ def test_importing_any_module_of_the_example_changes_nothing():
     change, no library patched, Colossal-AI not loaded (startup.import_libraries loads it, from main)."""
     modules = sorted(path.stem for path in ROOT.glob("*.py")) + ["benchmarks.step_benchmark", "tools.tidy_launch"]
     check = ("import os, sys, warnings; import torch, datasets, transformers.pipelines; "  # they add warning filters
-             "environment, filters = dict(os.environ), list(warnings.filters); "
+             "import transformers.utils.import_utils as utils; "
+             "environment, filters, sklearn = dict(os.environ), list(warnings.filters), utils._sklearn_available; "
              f"[__import__(module) for module in {modules!r}]; "
              "assert dict(os.environ) == environment, 'environment changed'; "
              "assert warnings.filters == filters, 'warning filters changed'; "
              "assert 'colossalai.booster' not in sys.modules, 'Colossal-AI loaded'; "
-             "import transformers.utils.import_utils as utils; "
-             "assert utils._sklearn_available == utils._is_package_available('sklearn'), 'transformers patched'; "
+             "assert utils._sklearn_available == sklearn, 'transformers patched'; "
              "print('imported', len(sys.argv))")
     run = subprocess.run([sys.executable, "-c", check, "--verbose"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
