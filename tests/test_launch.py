@@ -160,3 +160,13 @@ def test_a_second_job_on_the_machine_runs_alone_or_is_told_which_port_to_change(
                 assert run.returncode == 1 and run.stdout == ""
                 assert run.stderr == ("error: port 29500 on 127.0.0.1 is taken, by another job perhaps; set MASTER_PORT "
                                       "to a free one\n")
+
+
+def test_the_launchers_note_about_a_missing_cuda_runtime_is_not_passed_on():
+    """colossalai run, where no GPU is visible, says it found no CUDA runtime (newer PyTorch with its log prefix)."""
+    noise = ("No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'\n"
+             "W1202 22:44:09.664000 1311 torch/utils/cpp_extension.py:140] No CUDA runtime is found, using CUDA_HOME="
+             "'/usr/local/cuda'\n")
+    run = subprocess.run([sys.executable, "tools/tidy_launch.py", "sh", "-c", f'printf "{noise}" >&2; echo trained'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout == "trained\n" and run.stderr == ""

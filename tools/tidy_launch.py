@@ -19,8 +19,9 @@ import threading
 LAUNCHER_REPORT = re.compile(rb"Sending process \d+ closing signal |failed \(exitcode: |^Error: failed to run |"
                              rb"^====== Training on All Nodes")
 
-# what colossalai run says on a machine without a GPU as it loads PyTorch's extension builder: nothing to act on
-LAUNCHER_NOISE = re.compile(rb"^No CUDA runtime is found, using CUDA_HOME=")
+# what colossalai run says where no GPU is visible as it loads PyTorch's extension builder, with or without the log
+# prefix of newer PyTorch ("W1202 22:44:09.664000 1311 torch/utils/cpp_extension.py:140] "): nothing to act on
+LAUNCHER_NOISE = re.compile(rb"^(?:[DIWE]\d{4} [\d:.]+ +\d+ \S+\] )?No CUDA runtime is found, using CUDA_HOME=")
 
 
 class Output:
