@@ -33,9 +33,10 @@ def load_splits(dataset, image_column=None, label_column=None):
     else:
         try:
             splits = load_dataset(dataset)
-        except Exception as error:  # offline, unknown id, gated: all end the same way for the user
+        except Exception as error:  # an unknown id, a gated dataset (an unreachable hub is said before: hub.py)
             raise RunError(f"cannot load dataset '{dataset}' from the Hugging Face hub ({type(error).__name__}: "
-                            f"{error}); offline, pass a local copy: --dataset /path/to/split/label/images") from None
+                            f"{str(error).splitlines()[0]}); check the id, or pass a local copy: "
+                            "--dataset /path/to/split/label/images") from None
     for name in REQUIRED_SPLITS:
         if name not in splits or len(splits[name]) == 0:
             raise RunError(f"dataset {dataset} has no {name} split (found: {', '.join(splits) or 'none'}); "

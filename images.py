@@ -314,18 +314,36 @@ class Normalise:
         return (pixel_values.float() * self.scale - self.mean) / self.std
 
 
-def random_resized_crop_and_flip(pixel_values, min_area=0.5, max_aspect=4 / 3):
+def augmentation_draws(num_images, seed, epoch):
+    """The random numbers that crop and flip each training image in an epoch, made from the seed and the epoch
+    alone: an image is augmented the same way whichever rank and batch it lands in, so that the number of GPUs at
+    the same global batch changes nothing (tests/test_scaling.py), and a resumed run draws what it would have."""
+    return torch.rand(num_images, 5, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def augmented(device_batches, index_batches, draws):
+    """`device_batches` (of the training images at `index_batches`) with each image cropped and flipped by its row
+    of `draws` (augmentation_draws)."""
+    for indices, (pixel_values, labels, readable) in zip(index_batches, device_batches):
+        image_draws = draws[torch.tensor(indices)[readable]]
+        if pixel_values.is_cuda:  # from pinned memory, which the host need not wait for (see kept_on_device)
+            image_draws = image_draws.pin_memory().to(pixel_values.device, non_blocking=True)
+        yield random_resized_crop_and_flip(pixel_values, image_draws), labels, readable
+
+
+def random_resized_crop_and_flip(pixel_values, draws, min_area=0.5, max_aspect=4 / 3):
     """A random crop of each image (min_area to all of it, aspect ratio up to max_aspect either way), resized back
-    to full size and flipped left-right half of the time: one batched resampling on the batch's own device."""
-    count, device = len(pixel_values), pixel_values.device
-    area = torch.empty(count, device=device).uniform_(min_area, 1.0)
-    aspect = torch.empty(count, device=device).uniform_(-math.log(max_aspect), math.log(max_aspect)).exp()
+    to full size and flipped left-right half of the time, as its row of `draws` (five numbers in [0, 1)) says: one
+    batched resampling on the batch's own device."""
+    count = len(pixel_values)
+    area = min_area + (1 - min_area) * draws[:, 0]
+    aspect = ((draws[:, 1] * 2 - 1) * math.log(max_aspect)).exp()
     width, height = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
-    flip = torch.where(torch.rand(count, device=device) < 0.5, -1.0, 1.0)
+    flip = torch.where(draws[:, 2] < 0.5, -1.0, 1.0)
     # affine_grid works in [-1, 1] coordinates: scale to the crop's size, shift its centre anywhere it still fits
-    theta = torch.zeros(count, 2, 3, device=device)
+    theta = torch.zeros(count, 2, 3, device=pixel_values.device)
     theta[:, 0, 0], theta[:, 1, 1] = width * flip, height
-    theta[:, 0, 2] = (torch.rand(count, device=device) * 2 - 1) * (1 - width)
-    theta[:, 1, 2] = (torch.rand(count, device=device) * 2 - 1) * (1 - height)
+    theta[:, 0, 2] = (draws[:, 3] * 2 - 1) * (1 - width)
+    theta[:, 1, 2] = (draws[:, 4] * 2 - 1) * (1 - height)
     grid = F.affine_grid(theta, list(pixel_values.shape), align_corners=False)
     return F.grid_sample(pixel_values, grid.to(pixel_values.dtype), mode="bilinear", align_corners=False)

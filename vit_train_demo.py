@@ -22,14 +22,15 @@ import transformers
 from tqdm import tqdm
 
 import checkpoint
+import hub
 import reporting
 import startup
 from args import layout_error, parse_demo_args, plugin_settings
-from data import label_names, load_splits, random_subsets
+from data import label_names, load_splits, looks_like_path, random_subsets
 from devices import copied_to_host, init_distributed, out_of_memory_named, peak_memory, sum_over_ranks
 from errors import RunError
 from evaluation import evaluate
-from images import device_images, random_resized_crop_and_flip, training_index_batches
+from images import augmentation_draws, augmented, device_images, training_index_batches
 from plugins import Boosted, Topology, build_booster, build_optimizer, forward_backward
 
 LOSS_READ_LAG = 2  # steps the host may queue ahead of the GPU before it waits for a step's loss
@@ -50,7 +51,7 @@ def load_model(model_name, names, tp_size, pp_size):
                                                                        attn_implementation="sdpa")
     except OSError as error:
         first_line = str(error).splitlines()[0]
-        raise RunError(f"cannot load model '{model_name}' ({first_line}); offline, pass a local copy: "
+        raise RunError(f"cannot load model '{model_name}' ({first_line}); check the name, or pass a local copy: "
                        "--model_name_or_path /path/to/model") from None
     return image_processor, model
 
@@ -64,8 +65,7 @@ def check_output_path(output_path):
         raise RunError(f"--output_path {output_path} is not writable; pass a directory you can write to")
 
 
-def train_epoch(boosted, device_batches, state, criterion, steps_per_epoch, augment, writer, clock, save_every,
-                save_checkpoint):
+def train_epoch(boosted, device_batches, state, criterion, steps_per_epoch, writer, clock, save_every, save_checkpoint):
     """Trains on `device_batches`, the rest of epoch `state.epoch`, updating `state` as it goes.
 
     A step's loss is read (which waits for the GPU to finish the step) only once LOSS_READ_LAG more steps are
@@ -109,9 +109,8 @@ def train_epoch(boosted, device_batches, state, criterion, steps_per_epoch, augm
             if pixel_values is None:
                 break
             state.epoch_data_wait += time.perf_counter() - fetch_start
-            batch = {"pixel_values": random_resized_crop_and_flip(pixel_values) if augment else pixel_values,
-                     "labels": labels}
-            loss, _ = forward_backward(boosted, batch, criterion, backward=True)
+            loss, _ = forward_backward(boosted, {"pixel_values": pixel_values, "labels": labels}, criterion,
+                                       backward=True)
             boosted.optimizer.step()
             boosted.optimizer.zero_grad()
             boosted.lr_scheduler.step()
@@ -145,6 +144,9 @@ def main():
     clock.lap("distributed")
 
     # Data: the splits, their labels, and a random subset of each for a quick trial
+    hub.check_reachable([f"{kind} '{name}'" for kind, name in (("dataset", args.dataset),
+                                                                ("model", args.model_name_or_path))
+                         if not looks_like_path(name)])
     splits = load_splits(args.dataset, args.image_column, args.label_column)
     names = label_names(splits, args.dataset)
     splits = random_subsets(splits, args.max_train_samples, args.max_eval_samples, args.seed)
@@ -214,13 +216,16 @@ def main():
 
         def epoch_pass(epoch, first_step=0):  # starts decoding a streamed epoch's images at once
             index_batches = training_index_batches(len(images["train"]), args.batch_size, topology.dp_rank,
-                                                   topology.dp_size, args.seed, epoch)
-            return images["train"].device_batches(index_batches[first_step:])
+                                                   topology.dp_size, args.seed, epoch)[first_step:]
+            batches = images["train"].device_batches(index_batches)
+            if not args.augment:
+                return batches
+            return augmented(batches, index_batches, augmentation_draws(len(images["train"]), args.seed, epoch))
 
         upcoming = None  # the next epoch's pass: its streamed images decode while this epoch is evaluated
         for epoch in range(state.epoch, args.num_epoch):
             train_epoch(boosted, upcoming or epoch_pass(epoch, state.step_in_epoch), state, criterion,
-                        steps_per_epoch, args.augment, writer, clock, args.save_every, save_checkpoint)
+                        steps_per_epoch, writer, clock, args.save_every, save_checkpoint)
             upcoming = epoch_pass(epoch + 1) if epoch + 1 < args.num_epoch else None
             loss_sum, loss_count = sum_over_ranks([state.epoch_loss_sum, steps_per_epoch * topology.holds_output],
                                                   device)

@@ -16,8 +16,8 @@ from transformers.image_utils import load_image
 from conftest import BEANS_DIR, LABELS, MODEL_DIR, copy_beans, write_hub_snapshot
 from data import label_names, load_splits, random_subsets, standardise_columns
 from errors import RunError
-from images import (Decoder, SplitImages, device_images, evaluation_index_batches, random_resized_crop_and_flip,
-                    split_images, training_index_batches)
+from images import (Decoder, SplitImages, augmentation_draws, device_images, evaluation_index_batches,
+                    random_resized_crop_and_flip, split_images, training_index_batches)
 
 CPU = torch.device("cpu")
 
@@ -265,12 +265,16 @@ def test_label_sets_that_differ_across_splits_are_named(tmp_path):
 
 def test_augmentation_crops_and_flips_each_image_on_its_own(image_processor):
     pixel_values, _ = to_tensors(load_splits(str(BEANS_DIR))["validation"].select(range(16)), image_processor)
-    torch.manual_seed(0)
-    augmented = random_resized_crop_and_flip(pixel_values)
+    draws = augmentation_draws(16, seed=0, epoch=0)
+    augmented = random_resized_crop_and_flip(pixel_values, draws)
     assert augmented.shape == pixel_values.shape and torch.isfinite(augmented).all()
     assert not torch.allclose(augmented, pixel_values)
+    # each image by its own draws: alone, or in another batch, it comes out the same
+    assert torch.allclose(random_resized_crop_and_flip(pixel_values[5:6], draws[5:6]), augmented[5:6], atol=1e-6)
+    assert torch.equal(draws, augmentation_draws(16, seed=0, epoch=0))
+    assert not torch.equal(draws, augmentation_draws(16, seed=0, epoch=1))
     # with the whole area kept at its own aspect ratio, each image comes back as it was or mirrored, chosen per image
-    whole = random_resized_crop_and_flip(pixel_values, min_area=1.0, max_aspect=1.0)
+    whole = random_resized_crop_and_flip(pixel_values, draws, min_area=1.0, max_aspect=1.0)
     same = [torch.allclose(w, p, atol=1e-4) for w, p in zip(whole, pixel_values)]
     mirrored = [torch.allclose(w, p.flip(-1), atol=1e-4) for w, p in zip(whole, pixel_values)]
     assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)

@@ -166,6 +166,21 @@ def test_predict_serves_full_size_photos_as_training_measured_them(tmp_path):
     assert confusion == results["epochs"][-1]["validation"]["confusion_matrix"]
 
 
+def test_an_unreachable_hub_is_said_at_once_in_one_line(tmp_path):
+    """A hub id and no way to the hub (an endpoint that refuses connections), as behind a firewall without
+    HF_HUB_OFFLINE: one line naming what could not be downloaded, not the libraries' retries."""
+    env = {name: value for name, value in example_env(HF_ENDPOINT="http://127.0.0.1:9").items()
+           if name != "HF_HUB_OFFLINE"}
+    run = subprocess.run([sys.executable, "vit_train_demo.py", "--plugin", "torch_ddp", "--dataset", "beans",
+                          "--model_name_or_path", str(MODEL_DIR), "--output_path", str(tmp_path / "model")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.splitlines() == [
+        "error: cannot reach the Hugging Face hub at http://127.0.0.1:9 (ConnectionError) to download dataset 'beans'; "
+        "pass local copies (--dataset, --model_name_or_path), or set HF_HUB_OFFLINE=1 to use copies already in the "
+        "Hugging Face cache"]
+
+
 def test_dataset_without_test_split_skips_the_test_evaluation(tmp_path):
     small_beans = copy_beans(tmp_path / "beans", per_label=4, splits=("train", "validation"))
     run, results = run_finetuning(tmp_path / "model", DATASET=small_beans, GPUNUM=1, EPOCH=1, BS=4)

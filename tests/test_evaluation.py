@@ -58,10 +58,27 @@ def one_process(tmp_path_factory):
     return run_evaluation(1, 32, tmp_path_factory.mktemp("one"))
 
 
-def test_one_process_sees_every_validation_image(one_process):
+@torch.no_grad()
+def test_one_process_measures_what_the_model_does_on_every_validation_image(one_process):
+    """The metrics of the booster's evaluation are those of the same model (the new head from seed 0) run plainly on
+    what the image processor makes of each file."""
+    import torch.nn.functional as F
+    from transformers.image_utils import load_image
+
+    from data import label_names, labels_of, load_splits
+    from vit_train_demo import load_model
+
+    splits = load_splits(str(BEANS_DIR))
+    torch.manual_seed(0)
+    image_processor, model = load_model(str(MODEL_DIR), label_names(splits, str(BEANS_DIR)), tp_size=1, pp_size=1)
+    validation = splits["validation"]
+    inputs = image_processor([load_image(cell["path"]) for cell in validation["image"]], return_tensors="pt")
+    logits, labels = model.eval()(**inputs).logits, torch.tensor(labels_of(validation))
+    confusion = torch.bincount(labels * 3 + logits.argmax(dim=-1), minlength=9).view(3, 3)
     assert one_process["num_examples"] == 133
-    # the new 3-way head is random (seed 0): far from perfect, yet a real loss over real images
-    assert 0 < one_process["accuracy"] < 1 and one_process["loss"] > 0
+    assert one_process["confusion_matrix"] == confusion.tolist()
+    assert one_process["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert 0 < one_process["accuracy"] < 1  # a random new head: far from perfect, so a wrong count would show
 
 
 # 133 images: 2 ranks get 67 and 66 (the second pads one uncounted copy), 3 ranks get 45, 44 and 44, and with batch

@@ -131,3 +131,18 @@ def test_gpu_batches_hold_the_pixels_the_workers_make(tmp_path):
         assert cached_batch.device.type == "cuda" and torch.equal(cached_batch, streamed_batch) and len(labels)
     on_cpu = decoded({"validation": split}, decoder, cpu, True, num_workers=2, skip_unreadable=False)["validation"]
     assert cached.pixel_values.dtype == torch.uint8 and torch.equal(cached.pixel_values.cpu(), on_cpu.pixel_values)
+
+
+def test_a_kernel_not_built_is_named_with_the_command_that_builds_it(tmp_path):
+    """Colossal-AI would compile a missing kernel in every process, for minutes, at the first step: the optimizer
+    is refused at once instead (with a home folder where nothing was ever built)."""
+    check = ("import torch, startup; startup.import_libraries(); "
+             "from plugins import PluginSettings, build_optimizer; "
+             "build_optimizer(torch.nn.Linear(2, 2), PluginSettings('gemini', 'fp16', offload='all'), 1e-3, 0.0)")
+    run = subprocess.run(["python3", "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=example_env(gpu=True, HOME=tmp_path))
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "errors.RunError: Colossal-AI's fused_optim_cuda and cpu_adam_x86 kernels are not built; build them once "
+        "before training (a minute or two): python3 -c \"from colossalai.kernel.kernel_loader import CPUAdamLoader, "
+        "FusedOptimizerLoader; CPUAdamLoader().load(); FusedOptimizerLoader().load()\"")

@@ -77,7 +77,8 @@ def uninterrupted(dataset, tmp_path_factory):
 
 
 def test_two_runs_with_the_same_seed_give_identical_metrics(dataset, tmp_path, uninterrupted):
-    _, again = run_to_end(dataset, tmp_path / "model")
+    output, again = run_to_end(dataset, tmp_path / "model", RESUME="latest")  # nothing to resume: from scratch
+    assert f"no checkpoint under {tmp_path / 'model' / 'checkpoints'} yet: starting from scratch" in output
     assert metrics(again) == metrics(uninterrupted)
     assert again["epochs"][-1]["validation"]["num_examples"] == 36
 
@@ -269,6 +270,16 @@ def test_state_file_that_would_run_code_is_refused(dataset, tmp_path):
     assert last_line.startswith(f"error: {tampered / 'state_rank0.pt'} holds more than tensors and plain values, "
                                 "and loading it could run code (posix.system)")
     assert last_line.endswith("resume only from checkpoints this example wrote") and "Traceback" not in output
+
+
+def test_checkpoint_of_another_number_of_processes_is_named(dataset, tmp_path, uninterrupted):
+    from checkpoint import complete_checkpoints
+
+    written = complete_checkpoints(uninterrupted["config"]["output_path"])[-1]
+    returncode, output = finish(start_run(dataset, tmp_path / "model", GPUNUM=1, RESUME=written))
+    assert returncode == 1 and "Traceback" not in output
+    assert output.strip().splitlines()[-1] == (f"error: {written} was written by 2 processes, this run has 1; resume "
+                                               "with the GPUNUM it was written with")
 
 
 def test_checkpoint_of_another_version_is_named(dataset, tmp_path, uninterrupted):

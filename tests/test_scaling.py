@@ -1,6 +1,7 @@
 """The GPU count alone changes nothing but speed: 1, 2 and 4 torch_ddp processes on the CPU at the same global
-batch see the same batches in the same order (DistributedSampler deals the one shuffled order out rank by rank), so
-without augmentation they train the same model up to the order of floating-point sums."""
+batch see the same batches in the same order (the one shuffled order dealt out rank by rank), each image cropped and
+flipped the same way (its augmentation is drawn from the seed and the epoch, not from a rank's random stream), so
+they train the same model up to the order of floating-point sums."""
 import pytest
 
 from conftest import copy_beans
@@ -21,7 +22,7 @@ def single_process(small_beans, tmp_path_factory):
 
 def run_with(processes, dataset, output_root):
     _, results = run_finetuning(output_root / "model", PLUGIN="torch_ddp", GPUNUM=processes, DATASET=dataset,
-                                BS=GLOBAL_BATCH // processes, EPOCH=2, LR=3e-4, WARMUP_RATIO=0.1, AUGMENT=0,
+                                BS=GLOBAL_BATCH // processes, EPOCH=2, LR=3e-4, WARMUP_RATIO=0.1, AUGMENT=1,
                                 LABEL_SMOOTHING=0, KEEP_CHECKPOINTS=0)
     return results
 
@@ -35,4 +36,4 @@ def test_more_processes_at_the_same_global_batch_train_the_same_model(single_pro
         assert many["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)
         assert many["validation"]["loss"] == pytest.approx(one["validation"]["loss"], rel=1e-3)
         assert abs(many["validation"]["accuracy"] - one["validation"]["accuracy"]) <= 1 / 72
-    assert single_process["epochs"][-1]["validation"]["accuracy"] > 0.6  # it learned: chance is 1/3
+    assert single_process["epochs"][-1]["validation"]["accuracy"] > 0.5  # it learned: chance is 1/3
