@@ -2,17 +2,25 @@
 from errors import RunError
 
 
-def check_reachable(downloads, timeout_seconds=5):
-    """Stops with one line when `downloads` (what must come from the hub, such as "dataset 'beans'") cannot: the
-    libraries would retry for half a minute, a warning each time, before failing. With HF_HUB_OFFLINE set they read
-    the local Hugging Face cache instead, and the hub is not asked."""
+def unreachable_reason(timeout_seconds=5):
+    """Why the hub cannot be reached from here, or None. Not asked with HF_HUB_OFFLINE set, where the libraries
+    read the local Hugging Face cache instead."""
     from huggingface_hub import constants
-    if not downloads or constants.HF_HUB_OFFLINE:
-        return
+    if constants.HF_HUB_OFFLINE:
+        return None
     import requests
     try:
         requests.head(constants.ENDPOINT, timeout=timeout_seconds)
     except requests.RequestException as error:
-        raise RunError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} ({type(error).__name__}) to "
-                       f"download {' and '.join(downloads)}; pass local copies (--dataset, --model_name_or_path), or "
-                       "set HF_HUB_OFFLINE=1 to use copies already in the Hugging Face cache") from None
+        return f"the Hugging Face hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__})"
+    return None
+
+
+def check_reachable(downloads):
+    """Stops with one line when `downloads` (what must come from the hub, such as "dataset 'beans'") cannot: the
+    libraries would retry for half a minute, a warning each time, before failing."""
+    reason = downloads and unreachable_reason()
+    if reason:
+        raise RunError(f"cannot download {' and '.join(downloads)}: {reason}; pass local copies (--dataset, "
+                       "--model_name_or_path), or set HF_HUB_OFFLINE=1 to use copies already in the Hugging Face "
+                       "cache")

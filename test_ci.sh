@@ -4,5 +4,5 @@
 # GPU tests (tests/test_gpu.py) run where a CUDA GPU is present and are skipped elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false
 python3 -m pytest --durations=10 "$@"

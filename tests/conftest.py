@@ -2,8 +2,8 @@
 
 Each is found in BEANS_DIR / MODEL_DIR if set, else in ../shared beside the checkout, else downloaded once from the
 Hugging Face hub (`beans`, written out as split/label/image; `facebook/deit-tiny-patch16-224`) into
-TEST_DATA_CACHE (default ~/.cache/vit-finetuning-tests). Offline with none of them, the tests stop with one line
-saying what to set.
+TEST_DATA_CACHE (default ~/.cache/vit-finetuning-tests). Where they cannot be downloaded, the tests stop with one
+line saying why and what to set. Once the data is local, the runs the tests start never ask the hub (HF_HUB_OFFLINE).
 """
 import os
 import shutil
@@ -14,11 +14,13 @@ from datasets import ClassLabel, Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from hub import unreachable_reason
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("TEST_DATA_CACHE", Path.home() / ".cache" / "vit-finetuning-tests"))
 MISSING = ("the tests need the beans images and a small pretrained ViT: set BEANS_DIR (a split/label/image copy "
-           "of beans) and MODEL_DIR (facebook/deit-tiny-patch16-224 saved locally), put them in ../shared/datasets/"
-           "beans and ../shared/models/deit-tiny-patch16-224, or go online once to download them")
+           "of beans) and MODEL_DIR (facebook/deit-tiny-patch16-224 saved locally), or put them in "
+           "../shared/datasets/beans and ../shared/models/deit-tiny-patch16-224")
 
 
 def download_beans(destination):
@@ -45,10 +47,14 @@ def locate(variable, shared, cached, download):
     if shared.exists():
         return shared
     if not cached.exists():
-        try:
-            download(cached.with_suffix(".partial"))
-        except Exception:  # offline, or the hub unreachable: the same one line either way
-            raise SystemExit(f"error: {MISSING}")
+        reason = unreachable_reason()
+        if reason is None:
+            try:
+                download(cached.with_suffix(".partial"))
+            except Exception as error:  # whatever the download met, said with what to do instead
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if reason:
+            raise SystemExit(f"error: cannot download {cached.name}: {reason}; {MISSING}")
         cached.with_suffix(".partial").rename(cached)
     return cached
 
@@ -57,6 +63,7 @@ BEANS_DIR = locate("BEANS_DIR", ROOT.parent / "shared" / "datasets" / "beans", C
 MODEL_DIR = locate("MODEL_DIR", ROOT.parent / "shared" / "models" / "deit-tiny-patch16-224",
                    CACHE / "deit-tiny-patch16-224", download_model)
 LABELS = ["angular_leaf_spot", "bean_rust", "healthy"]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the tests read is local now
 
 
 def example_env(gpu=False, **variables):

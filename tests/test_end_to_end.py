@@ -176,9 +176,9 @@ def test_an_unreachable_hub_is_said_at_once_in_one_line(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.splitlines() == [
-        "error: cannot reach the Hugging Face hub at http://127.0.0.1:9 (ConnectionError) to download dataset 'beans'; "
-        "pass local copies (--dataset, --model_name_or_path), or set HF_HUB_OFFLINE=1 to use copies already in the "
-        "Hugging Face cache"]
+        "error: cannot download dataset 'beans': the Hugging Face hub at http://127.0.0.1:9 cannot be reached "
+        "(ConnectionError); pass local copies (--dataset, --model_name_or_path), or set HF_HUB_OFFLINE=1 to use "
+        "copies already in the Hugging Face cache"]
 
 
 def test_dataset_without_test_split_skips_the_test_evaluation(tmp_path):
