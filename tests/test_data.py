@@ -132,13 +132,27 @@ def test_any_image_mode_becomes_rgb(tmp_path, image_processor, mode):
     rgb = Image.open(rgb_path).convert("RGB")
     rgb_path.unlink()
     converted = rgb.convert("L").convert(mode) if mode == "I;16" else rgb.convert(mode)
-    converted.save(rgb_path.with_suffix(".jpg" if mode in ("L", "CMYK") else ".png"))
+    converted_path = rgb_path.with_suffix(".jpg" if mode in ("L", "CMYK") else ".png")
+    converted.save(converted_path)
     rgb.save(beans / "train" / "healthy" / "reference.png")
-    pixel_values, labels = to_tensors(load_splits(str(beans))["train"], image_processor)
+    split = load_splits(str(beans))["train"]
+    pixel_values, _ = to_tensors(split, image_processor)
     assert pixel_values.shape == (7, 3, 224, 224) and torch.isfinite(pixel_values).all()
-    if mode == "RGBA":  # an opaque RGBA picture must give exactly the pixels of its RGB original
-        healthy = pixel_values[labels == 2]
-        assert any(torch.equal(healthy[0], other) for other in healthy[1:])
+    paths = [cell["path"] for cell in split["image"]]
+    image, reference = (pixel_values[paths.index(str(path))]
+                        for path in (converted_path, rgb_path.parent / "reference.png"))
+    # what serving makes of the same file
+    served = image_processor(load_image(str(converted_path)), return_tensors="pt")["pixel_values"][0]
+    assert (image - served).abs().max() < 1e-5
+    if mode in ("L", "I;16"):  # grey: the same values in each channel, before normalisation
+        unnormalised = image * torch.tensor(image_processor.image_std).view(3, 1, 1) + \
+            torch.tensor(image_processor.image_mean).view(3, 1, 1)
+        assert torch.allclose(unnormalised[0], unnormalised[1], atol=1e-5)
+        assert torch.allclose(unnormalised[1], unnormalised[2], atol=1e-5)
+    elif mode == "RGBA":  # an opaque RGBA picture gives exactly the pixels of its RGB original
+        assert torch.equal(image, reference)
+    else:  # a palette or CMYK picture: the original's colours, up to dithering and JPEG (its mean colour holds)
+        assert (image.mean(dim=(1, 2)) - reference.mean(dim=(1, 2))).abs().max() < 0.1
 
 
 def test_missing_dataset_directory_is_named():
@@ -338,7 +352,8 @@ def test_a_parquet_file_written_from_pandas_trains_with_its_columns_found_by_nam
     """pandas writes an image column as {bytes, path} structs and labels as strings: found as the Hugging Face
     examples find them, by the names img and label."""
     for split in ("train", "validation"):
-        paths = [path for label in ("healthy", "bean_rust") for path in sorted((BEANS_DIR / split / label).iterdir())[:2]]
+        paths = [path for label in ("healthy", "bean_rust")
+                 for path in sorted((BEANS_DIR / split / label).iterdir())[:2]]
         frame = pandas.DataFrame({"img": [{"bytes": path.read_bytes(), "path": path.name} for path in paths],
                                   "label": [path.parent.name for path in paths], "note": ["leaf"] * 4})
         (tmp_path / "data").mkdir(exist_ok=True)
