@@ -1,9 +1,11 @@
+import re
+
 import pytest
 import torch
 from transformers import ViTConfig
 
-from args import layout_error, parse_demo_args
-from conftest import MODEL_DIR
+from args import build_parser, layout_error, parse_demo_args
+from conftest import MODEL_DIR, ROOT
 
 
 def parse_error(capsys, argv):
@@ -15,12 +17,22 @@ def parse_error(capsys, argv):
     return lines[0]
 
 
-def test_defaults_are_the_published_budget_with_the_ablation_winners():
-    args = parse_demo_args(["--plugin", "torch_ddp"])
-    assert (args.batch_size, args.learning_rate, args.num_epoch) == (32, 3e-4, 5)
-    assert (args.weight_decay, args.warmup_ratio, args.grad_checkpoint) == (0.5, 0.1, False)
-    assert (args.augment, args.label_smoothing) == (True, 0.1)
-    assert (args.dataset, args.model_name_or_path) == ("beans", "google/vit-base-patch16-224")
+def test_every_default_is_the_same_in_the_script_the_shell_variables_and_the_docs():
+    """docs/configuration.md's table, run_finetuning.sh's variables and vit_train_demo.py's flags say one default."""
+    shell = dict(re.findall(r"^(\w+)=\$\{\1:-([^}]*)\}", (ROOT / "run_finetuning.sh").read_text(), re.MULTILINE))
+    parser = build_parser()
+    rows = re.findall(r"^\| `(\w+)` \| `(--\w+)`[^|]* \| `?([\w./-]+)`?(?: \((?:on|off)\))? \|",
+                      (ROOT / "docs" / "configuration.md").read_text(), re.MULTILINE)
+    assert len(rows) >= 20, rows
+    for variable, flag, documented in rows:
+        assert shell[variable] == documented, variable
+        default = parser.get_default(flag.removeprefix("--"))
+        if isinstance(default, bool):  # a switch: the variable is 1 or 0
+            assert default == (documented == "1"), flag
+        elif isinstance(default, (int, float)):
+            assert default == float(documented), flag
+        else:
+            assert default == documented, flag
 
 
 def test_booleans_are_real_switches():
