@@ -55,16 +55,31 @@ def load_local(dataset):
     if os.path.isfile(os.path.join(path, "state.json")):
         raise RunError(f"{dataset} holds a single Dataset saved with save_to_disk; save a DatasetDict with train "
                        "and validation splits instead")
-    shards = [name for _, _, names in os.walk(path) for name in names if name.endswith(SHARD_EXTENSIONS)]
+    shards = [os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
+              if name.endswith(SHARD_EXTENSIONS)]
     if shards:
         try:
             return load_dataset(path)
         except Exception as error:
-            raise RunError(f"cannot load the dataset shards under {dataset} ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0]}); name them <split>-00000-of-00001.parquet") from None
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            broken = unreadable_parquet(shards)
+            raise RunError(f"cannot load the dataset shards under {dataset}: "
+                           + (f"{broken} is unreadable ({reason}); replace or remove it" if broken else reason)) from None
     # listing the files for the loader saves it matching dozens of split-name patterns against each (minutes for
     # tens of thousands of images)
     return load_dataset("imagefolder", data_files=image_folder_files(path, dataset))
+
+
+def unreadable_parquet(shards):
+    """The first of the parquet `shards` that pyarrow cannot open, or None."""
+    import pyarrow.parquet
+    for shard in sorted(shards):
+        if shard.endswith(".parquet"):
+            try:
+                pyarrow.parquet.read_schema(shard)
+            except Exception:  # whatever pyarrow says: the caller gives the loader's own words
+                return shard
+    return None
 
 
 def visible_entries(directory):

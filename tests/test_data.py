@@ -414,3 +414,12 @@ def test_snapshot_of_arrow_shards_loads(tmp_path):
     splits = load_splits(str(tmp_path / "shards"))
     assert {name: len(split) for name, split in splits.items()} == {"train": 6, "validation": 6, "test": 6}
     assert label_names(splits, "shards") == LABELS
+
+
+def test_a_shard_that_is_not_parquet_is_named_with_the_loaders_words(tmp_path):
+    snapshot = write_hub_snapshot(copy_beans(tmp_path / "folder", per_label=1), tmp_path / "snapshot")
+    broken = snapshot / "data" / "validation-00000-of-00001.parquet"
+    broken.write_bytes(b"not parquet")
+    with pytest.raises(RunError, match=rf"^cannot load the dataset shards under {snapshot}: {broken} is unreadable "
+                                       r"\(\w+: .*\); replace or remove it$"):
+        load_splits(str(snapshot))
