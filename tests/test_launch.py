@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import loopback_ssh
 from conftest import MODEL_DIR, ROOT, copy_beans, example_env
 from test_end_to_end import run_finetuning
 
@@ -39,11 +40,14 @@ def check_output(run, processes):
 
 
 def test_two_nodes_train_the_same_model_as_one_node_with_two_processes(spaced, tmp_path):
-    # two names for this machine: colossalai run starts a torchrun for each, which rendezvous as two machines would
+    # two nodes on this machine: this one, and 127.0.0.2 behind an SSH server of the test's own, which colossalai run
+    # reaches over SSH as it would another machine; the torchrun on each rendezvous as two machines' would
+    sent_over_ssh = loopback_ssh.start("127.0.0.2", tmp_path / "home")
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost\n127.0.0.1\n")
+    hostfile.write_text("127.0.0.1\n127.0.0.2\n")
     one_node_run, one_node = run_in(spaced, "one node", GPUNUM=2)
-    two_nodes_run, two_nodes = run_in(spaced, "two nodes", GPUNUM=1, HOSTFILE=hostfile)
+    two_nodes_run, two_nodes = run_in(spaced, "two nodes", GPUNUM=1, HOSTFILE=hostfile, HOME=tmp_path / "home")
+    assert any("torchrun" in command and "--node_rank=1" in command for command in sent_over_ssh), sent_over_ssh
     assert one_node["config"]["world_size"] == two_nodes["config"]["world_size"] == 2
     for one, two in zip(one_node["epochs"], two_nodes["epochs"], strict=True):
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
