@@ -71,6 +71,9 @@ def build_parser():
                                      "through a Colossal-AI Booster.")
     parser.add_argument("--model_name_or_path", default="google/vit-base-patch16-224",
                         help="Hugging Face hub id or local directory of a pretrained ViT")
+    parser.add_argument("--image_size", type=positive_int, default=None,
+                        help="fine-tune at this resolution (pixels a side; default: the checkpoint's), its position "
+                        "embeddings interpolated once; the saved model and image processor keep it")
     parser.add_argument("--dataset", default="beans",
                         help="Hugging Face hub dataset id, or a local directory: split/label/image folders, a "
                         "snapshot of a hub dataset repository (parquet or arrow shards) or a save_to_disk folder "

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODEL=${MODEL:-google/vit-base-patch16-224}  # hub id or local directory of a pretrained ViT
+IMAGE_SIZE=${IMAGE_SIZE:-}                   # fine-tune at this resolution, e.g. 384 (default: the checkpoint's)
 DATASET=${DATASET:-beans}                    # hub id, or a local image folder, hub snapshot or save_to_disk folder
 DATA_MODE=${DATA_MODE:-auto}                 # cache (decode once, keep on the GPU), stream (loader workers) or auto
 CACHE_BUDGET_GIB=${CACHE_BUDGET_GIB:-}       # most memory the cache may take (auto: a quarter of the free memory)
@@ -50,6 +51,7 @@ fi
 
 demo=(vit_train_demo.py
   --model_name_or_path "$MODEL"
+  ${IMAGE_SIZE:+--image_size "$IMAGE_SIZE"}
   --dataset "$DATASET"
   --data_mode "$DATA_MODE"
   ${CACHE_BUDGET_GIB:+--cache_budget_gib "$CACHE_BUDGET_GIB"}

@@ -32,18 +32,20 @@ from errors import RunError
 from evaluation import evaluate
 from images import augmentation_draws, augmented, device_images, training_index_batches
 from plugins import Boosted, Topology, build_booster, build_optimizer, forward_backward
+from resolution import set_resolution, size_error
 
 LOSS_READ_LAG = 2  # steps the host may queue ahead of the GPU before it waits for a step's loss
 
 
-def load_model(model_name, names, tp_size, pp_size):
-    """The image processor, and the model with a new classification head for `names`. A tensor or pipeline layout
-    the model cannot be split into is refused from its config, before the weights are read."""
+def load_model(model_name, names, tp_size, pp_size, image_size=None):
+    """The image processor, and the model with a new classification head for `names`, at `image_size` pixels a side
+    if given (resolution.py). A tensor or pipeline layout the model cannot be split into, or a size its patches do
+    not tile, is refused from its config, before the weights are read."""
     try:
         config = transformers.ViTConfig.from_pretrained(model_name, num_labels=len(names),
                                                         id2label=dict(enumerate(names)),
                                                         label2id={name: i for i, name in enumerate(names)})
-        if error := layout_error(config, tp_size, pp_size, model_name):
+        if error := layout_error(config, tp_size, pp_size, model_name) or size_error(config, image_size, model_name):
             raise RunError(error)
         image_processor = transformers.AutoImageProcessor.from_pretrained(model_name, use_fast=True)
         model = transformers.ViTForImageClassification.from_pretrained(model_name, config=config,
@@ -53,6 +55,8 @@ def load_model(model_name, names, tp_size, pp_size):
         first_line = str(error).splitlines()[0]
         raise RunError(f"cannot load model '{model_name}' ({first_line}); check the name, or pass a local copy: "
                        "--model_name_or_path /path/to/model") from None
+    if image_size and image_size != config.image_size:
+        set_resolution(model, image_processor, image_size)
     return image_processor, model
 
 
@@ -153,7 +157,7 @@ def main():
     clock.lap("dataset")
 
     # Model: the pretrained ViT with a new head for the dataset's labels
-    image_processor, model = load_model(args.model_name_or_path, names, args.tp_size, args.pp_size)
+    image_processor, model = load_model(args.model_name_or_path, names, args.tp_size, args.pp_size, args.image_size)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     settings = plugin_settings(args)
     if is_first_rank:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import pipeline
@@ -150,20 +151,25 @@ def test_run_leaves_plots_a_model_card_and_tensorboard_logs(two_process_run):
     assert events.Scalars("validation/accuracy")[0].value == pytest.approx(final["validation"]["accuracy"])
 
 
-def test_predict_serves_full_size_photos_as_training_measured_them(tmp_path):
-    """Photos larger than the model's resolution (the hub's beans are 500x500): predict.py on the saved model finds
-    on the validation files the confusion matrix that training reported for them."""
-    dataset = copy_beans(tmp_path / "beans", per_label=12, splits=("train", "validation"), full_size=True)
-    _, results = run_finetuning(tmp_path / "model", PLUGIN="torch_ddp", DATASET=dataset, EPOCH=1, BS=8)
-    run = subprocess.run([sys.executable, "predict.py", "--model", str(tmp_path / "model"), "--json", "--top_k", "1",
-                          "--device", "cpu", str(dataset / "validation")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+def predicted_confusion(model_path, folder):
+    """The confusion matrix of predict.py's top-1 labels for the images of `folder` (label/image)."""
+    run = subprocess.run([sys.executable, "predict.py", "--model", str(model_path), "--json", "--top_k", "1",
+                          "--device", "cpu", str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     confusion = [[0] * len(LABELS) for _ in LABELS]
     for prediction in json.loads(run.stdout):
         label = os.path.basename(os.path.dirname(prediction["path"]))
         confusion[LABELS.index(label)][LABELS.index(prediction["predictions"][0]["label"])] += 1
-    assert confusion == results["epochs"][-1]["validation"]["confusion_matrix"]
+    return confusion
+
+
+def test_predict_serves_full_size_photos_as_training_measured_them(tmp_path):
+    """Photos larger than the model's resolution (the hub's beans are 500x500): predict.py on the saved model finds
+    on the validation files the confusion matrix that training reported for them."""
+    dataset = copy_beans(tmp_path / "beans", per_label=12, splits=("train", "validation"), full_size=True)
+    _, results = run_finetuning(tmp_path / "model", PLUGIN="torch_ddp", DATASET=dataset, EPOCH=1, BS=8)
+    assert predicted_confusion(tmp_path / "model", dataset / "validation") == \
+        results["epochs"][-1]["validation"]["confusion_matrix"]
 
 
 def test_an_unreachable_hub_is_said_at_once_in_one_line(tmp_path):
@@ -250,3 +256,44 @@ def test_a_checkpoint_without_a_classification_head_gets_one(tmp_path):
     assert weights["classifier.weight"].shape == (3, 192)  # a new head for beans' 3 labels, saved with the model
     config = json.loads((output_path / "config.json").read_text())
     assert sorted(config["id2label"].values()) == sorted(LABELS)
+
+
+def test_fine_tuning_at_a_higher_resolution_saves_a_model_served_at_it(tmp_path):
+    """IMAGE_SIZE=64 from a 32-pixel ViT: the pretrained position embeddings interpolated once (bicubic, as
+    transformers interpolates them), and the saved config and image processor at 64, so predict.py serves the model
+    with no extra flag and finds what training measured."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    pretrained = tmp_path / "vit-32px"
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64)).save_pretrained(pretrained)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(pretrained)
+    dataset = copy_beans(tmp_path / "beans", per_label=6, splits=("train", "validation"))
+    _, results = run_finetuning(tmp_path / "model", MODEL=pretrained, DATASET=dataset, IMAGE_SIZE=64, EPOCH=1, BS=6,
+                                LR=1e-9, WEIGHT_DECAY=0, KEEP_CHECKPOINTS=0)  # the weights all but unchanged
+    assert results["config"]["image_size"] == 64
+    saved = ViTForImageClassification.from_pretrained(tmp_path / "model")
+    assert saved.config.image_size == 64
+    assert json.loads((tmp_path / "model" / "preprocessor_config.json").read_text())["size"] == {"height": 64,
+                                                                                              "width": 64}
+    original = ViTForImageClassification.from_pretrained(pretrained).vit.embeddings.position_embeddings
+    grid = original[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
+    position_embeddings = saved.vit.embeddings.position_embeddings
+    assert position_embeddings.shape == (1, 65, 32)
+    assert torch.allclose(position_embeddings[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 64, 32), atol=1e-5)
+    assert predicted_confusion(tmp_path / "model", dataset / "validation") == \
+        results["epochs"][-1]["validation"]["confusion_matrix"]
+
+
+def test_a_resolution_the_patches_do_not_tile_is_refused_naming_the_nearest():
+    from transformers import ViTConfig
+
+    from resolution import size_error
+
+    assert size_error(ViTConfig(patch_size=16), 380, "vit") == (
+        "--image_size 380 is not a whole number of the 16-pixel patches of vit; pick 368 or 384")
+    assert size_error(ViTConfig(patch_size=16), 8, "vit") == (
+        "--image_size 8 is not a whole number of the 16-pixel patches of vit; pick 16")
+    assert size_error(ViTConfig(patch_size=16), 384, "vit") is None
