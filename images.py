@@ -33,8 +33,8 @@ class UnreadableImage(RunError):
 
 def open_rgb(image):
     """Decodes one undecoded image cell ({"bytes", "path"}) to an upright RGB picture, as `pipeline` does: at full
-    scale (a JPEG decoded at reduced scale, through Pillow's draft mode, is faster but differs from what the saved
-    model is served by up to 0.19 after normalisation)."""
+    scale (a JPEG decoded at reduced scale, through Pillow's draft mode, is faster, but its pixels are not the ones
+    the saved model is served: tests/test_data.py)."""
     source = io.BytesIO(image["bytes"]) if image["bytes"] else image["path"]
     try:
         with Image.open(source) as picture:
