@@ -16,6 +16,9 @@ LIBRARY_NOISE = ("Please install the latest tensornvme", "Please install apex fr
 # loggers that warn about such extras: bitsandbytes' 4-bit CPU kernels from the `kernels` hub (on CPUs with
 # AVX512-BF16, as it loads)
 NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# loggers that say an error before raising it, which the example then says in its one line: datasets' parquet
+# loader on a shard it cannot read (data.py names the shard, with the reason)
+ERRORS_SAID_TWICE = ("datasets.packaged_modules.parquet.parquet",)
 
 
 def hide_library_noise():
@@ -23,6 +26,8 @@ def hide_library_noise():
         warnings.filterwarnings("ignore", message=message)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ERRORS_SAID_TWICE:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def import_libraries():

@@ -187,6 +187,18 @@ def test_an_unreachable_hub_is_said_at_once_in_one_line(tmp_path):
         "copies already in the Hugging Face cache"]
 
 
+def test_a_shard_that_cannot_be_read_is_said_in_one_line(tmp_path):
+    snapshot = write_hub_snapshot(copy_beans(tmp_path / "beans", per_label=1), tmp_path / "snapshot")
+    broken = snapshot / "data" / "validation-00000-of-00001.parquet"
+    broken.write_bytes(b"not parquet")
+    run = subprocess.run([sys.executable, "vit_train_demo.py", "--plugin", "torch_ddp", "--dataset", str(snapshot),
+                          "--model_name_or_path", str(MODEL_DIR), "--output_path", str(tmp_path / "model")],
+                         cwd=ROOT, env=example_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stdout == ""
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    assert run.stderr.startswith(f"error: cannot load the dataset shards under {snapshot}: {broken} is unreadable (")
+
+
 def test_dataset_without_test_split_skips_the_test_evaluation(tmp_path):
     small_beans = copy_beans(tmp_path / "beans", per_label=4, splits=("train", "validation"))
     run, results = run_finetuning(tmp_path / "model", DATASET=small_beans, GPUNUM=1, EPOCH=1, BS=4)
