@@ -2,9 +2,10 @@
 
 A checkpoint is a folder `<output_path>/checkpoints/step_<global step>/` holding the model and optimizer (sharded
 as each plugin saves them), the learning-rate scheduler, and one `state_rank<r>.pt` per process with the training
-state (TrainingState), that process's random-number-generator states and, for the plugins that would rebuild them
-from the 16-bit model, its share of the fp32 master weights. It is written under a `.partial` name and
-renamed when every process has finished, so a run killed while saving leaves the previous checkpoint as the latest.
+state (TrainingState), that process's random-number-generator states, PyTorch AMP's loss scale where it has one
+and, for the plugins that would rebuild them from the 16-bit model, its share of the fp32 master weights. It is
+written under a `.partial` name and renamed when every process has finished, so a run killed while saving leaves
+the previous checkpoint as the latest.
 """
 import dataclasses
 import glob
@@ -72,6 +73,12 @@ def master_weights(optimizer):
     return [parameter for group in optimizer.optim.param_groups for parameter in group["params"]]
 
 
+def grad_scaler(optimizer):
+    """PyTorch AMP's loss scaler (torch_ddp_fp16), which Colossal-AI 0.5.0's checkpoint IO leaves out: restarted at
+    its initial scale, a resumed run would skip other steps than the uninterrupted one. None for other plugins."""
+    return getattr(optimizer, "scaler", None)
+
+
 def save_checkpoint(boosted, state, output_path, keep, plugin):
     """Writes `boosted` (plugins.Boosted, trained with `plugin`) and `state` as checkpoint step_<global step>,
     keeping the `keep` newest."""
@@ -92,8 +99,10 @@ def save_checkpoint(boosted, state, output_path, keep, plugin):
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         masters = ([weight.detach().cpu() for weight in master_weights(boosted.optimizer)]
                    if PLUGINS[plugin].master_weights_rebuilt_from_model else None)
+        scaler = grad_scaler(boosted.optimizer)
         torch.save({"progress": dataclasses.asdict(state), "rng": rng, "world_size": dist.get_world_size(),
-                    "master_weights": masters}, os.path.join(partial, f"state_rank{rank}.pt"))
+                    "master_weights": masters, "grad_scaler": scaler.state_dict() if scaler else None},
+                   os.path.join(partial, f"state_rank{rank}.pt"))
         dist.barrier()
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)  # written before, by a run resumed from an older checkpoint
@@ -142,6 +151,8 @@ def load_checkpoint(boosted, checkpoint, plugin):
         with torch.no_grad():
             for weight, saved in zip(master_weights(boosted.optimizer), state["master_weights"], strict=True):
                 weight.copy_(saved)
+    if state.get("grad_scaler"):
+        grad_scaler(boosted.optimizer).load_state_dict(state["grad_scaler"])
     boosted.booster.load_lr_scheduler(boosted.lr_scheduler, os.path.join(checkpoint, "lr_scheduler.pt"))
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"] is not None:

@@ -59,8 +59,11 @@ def build_gemini(settings):
 def build_hybrid_parallel(settings):
     from colossalai.booster.plugin import HybridParallelPlugin
     offload = settings.offload != "none"
+    # not enable_all_optimization: its JIT-fused ViT MLP computes GELU's tanh approximation where the model (and
+    # so the saved one, as served) has the exact GELU, and TorchScript fuses it only from a process's third call,
+    # so a resumed run's steps round differently from the uninterrupted run's
     return HybridParallelPlugin(tp_size=settings.tp_size, pp_size=settings.pp_size,
-                                microbatch_size=settings.microbatch_size, enable_all_optimization=True,
+                                microbatch_size=settings.microbatch_size, enable_flash_attention=True,
                                 precision=settings.precision, initial_scale=1, zero_stage=int(offload),
                                 cpu_offload=offload)
 

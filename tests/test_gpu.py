@@ -35,15 +35,10 @@ def test_plugin_reaches_published_accuracy_on_one_gpu(tmp_path, plugin):
     check_pipeline_classifies_test_split(output_path, results, device=0)
 
 
-# Measured on an H200: two uninterrupted hybrid_parallel runs are identical, a resumed one is not (its first
-# epoch's validation loss 0.260 against 0.334), with the fp32 master weights restored: something else its checkpoint
-# IO saves or loads differs. Strict: the day it resumes exactly, this test says so.
-INEXACT_RESUME = pytest.mark.xfail(strict=True, reason="hybrid_parallel without offload does not resume exactly yet")
-
-
-@pytest.mark.parametrize("data_mode", ["cache", "stream"])
-@pytest.mark.parametrize("plugin", ["gemini", "low_level_zero", pytest.param("hybrid_parallel", marks=INEXACT_RESUME)])
-def test_bf16_plugin_resumes_after_a_kill(tmp_path, plugin, data_mode):
+@pytest.mark.parametrize("plugin, data_mode", [(plugin, mode) for plugin in ("gemini", "low_level_zero", "hybrid_parallel")
+                                                for mode in ("cache", "stream")] +
+                         [("torch_ddp", "cache"), ("torch_ddp_fp16", "cache")])
+def test_plugin_resumes_after_a_kill(tmp_path, plugin, data_mode):
     resumed = check_resume_after_a_kill(tmp_path, f"{plugin}_{data_mode}", PLUGIN=plugin, DATA_MODE=data_mode)
     assert resumed["data"]["mode"] == data_mode
 
