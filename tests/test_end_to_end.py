@@ -22,6 +22,13 @@ def run_finetuning(output_path, gpu=False, **variables):
     return run, json.loads((output_path / "results.json").read_text())
 
 
+def run_demo(dataset, output_path, *flags, env=None):
+    """vit_train_demo.py in one process on the CPU with torch_ddp and the stand-in model, as a user starts it."""
+    return subprocess.run([sys.executable, "vit_train_demo.py", "--plugin", "torch_ddp", "--dataset", str(dataset),
+                           "--model_name_or_path", str(MODEL_DIR), "--output_path", str(output_path), *flags],
+                          cwd=ROOT, env=env or example_env(), capture_output=True, text=True, timeout=600)
+
+
 def check_metrics(metrics, num_examples):
     assert set(metrics) == {"loss", "accuracy", "num_examples", "per_class", "confusion_matrix"}
     confusion = metrics["confusion_matrix"]
@@ -177,9 +184,7 @@ def test_an_unreachable_hub_is_said_at_once_in_one_line(tmp_path):
     HF_HUB_OFFLINE: one line naming what could not be downloaded, not the libraries' retries."""
     env = {name: value for name, value in example_env(HF_ENDPOINT="http://127.0.0.1:9").items()
            if name != "HF_HUB_OFFLINE"}
-    run = subprocess.run([sys.executable, "vit_train_demo.py", "--plugin", "torch_ddp", "--dataset", "beans",
-                          "--model_name_or_path", str(MODEL_DIR), "--output_path", str(tmp_path / "model")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = run_demo("beans", tmp_path / "model", env=env)
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.splitlines() == [
         "error: cannot download dataset 'beans': the Hugging Face hub at http://127.0.0.1:9 cannot be reached "
@@ -191,9 +196,7 @@ def test_a_shard_that_cannot_be_read_is_said_in_one_line(tmp_path):
     snapshot = write_hub_snapshot(copy_beans(tmp_path / "beans", per_label=1), tmp_path / "snapshot")
     broken = snapshot / "data" / "validation-00000-of-00001.parquet"
     broken.write_bytes(b"not parquet")
-    run = subprocess.run([sys.executable, "vit_train_demo.py", "--plugin", "torch_ddp", "--dataset", str(snapshot),
-                          "--model_name_or_path", str(MODEL_DIR), "--output_path", str(tmp_path / "model")],
-                         cwd=ROOT, env=example_env(), capture_output=True, text=True, timeout=300)
+    run = run_demo(snapshot, tmp_path / "model")
     assert run.returncode == 1 and run.stdout == ""
     assert len(run.stderr.splitlines()) == 1, run.stderr
     assert run.stderr.startswith(f"error: cannot load the dataset shards under {snapshot}: {broken} is unreadable (")
@@ -234,12 +237,7 @@ def test_each_accepted_dataset_form_trains_end_to_end(tmp_path, form):
     ("--batch_size", "2000", "error: --batch_size 2000 x 1 data-parallel ranks is larger than the 1034 training images"),
 ])
 def test_bad_input_stops_with_one_line_naming_it(tmp_path, flag, value, message):
-    paths = {"--dataset": str(BEANS_DIR), "--model_name_or_path": str(MODEL_DIR),
-             "--output_path": str(tmp_path / "model"), flag: value}
-    run = subprocess.run([sys.executable, "vit_train_demo.py", "--plugin", "torch_ddp",
-                          *[item for pair in paths.items() for item in pair]],
-                         cwd=ROOT, env=example_env(), capture_output=True,
-                         text=True, timeout=300)
+    run = run_demo(BEANS_DIR, tmp_path / "model", flag, value)  # the later of a flag given twice holds
     assert run.returncode == 1
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith(message) and "Traceback" not in run.stderr
@@ -254,11 +252,8 @@ def test_a_checkpoint_without_a_classification_head_gets_one(tmp_path):
     ViTModel.from_pretrained(MODEL_DIR, add_pooling_layer=False).save_pretrained(backbone)
     AutoImageProcessor.from_pretrained(MODEL_DIR).save_pretrained(backbone)
     output_path = tmp_path / "model"
-    run = subprocess.run([sys.executable, "vit_train_demo.py", "--plugin", "torch_ddp", "--model_name_or_path",
-                          str(backbone), "--dataset", str(BEANS_DIR), "--output_path", str(output_path),
-                          "--num_epoch", "1", "--max_train_samples", "64", "--max_eval_samples", "16"],
-                         cwd=ROOT, env=example_env(), capture_output=True,
-                         text=True, timeout=600)
+    run = run_demo(BEANS_DIR, output_path, "--model_name_or_path", str(backbone), "--num_epoch", "1",
+                   "--max_train_samples", "64", "--max_eval_samples", "16")
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((output_path / "results.json").read_text())
     assert results["config"]["num_parameters"] == pytest.approx(5.5e6, rel=0.05)
