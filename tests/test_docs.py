@@ -29,3 +29,18 @@ def test_every_relative_link_leads_to_a_file(page):
     targets = re.findall(r"\]\((?!https?:)([^)#]+)(?:#[^)]*)?\)", page.read_text())
     broken = [target for target in targets if not (page.parent / target).exists()]
     assert not broken, f"{page.name} links to what does not exist: {broken}"
+
+
+def test_the_streaming_table_is_its_raw_data():
+    """Each row of the report's streaming table holds the figures streaming.json keeps for that run."""
+    import json
+    runs = json.loads((REPORT.parent / "streaming.json").read_text())["runs"]
+    section = REPORT.read_text().split("## Streaming\n")[1].split("\n## ")[0]
+    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in section.splitlines()
+                                          if line.startswith("| example") or line.startswith("| Hugging Face"))}
+    assert sorted(rows) == sorted(runs)
+    for name, run in runs.items():
+        cells = rows[name]
+        assert cells[1:4] == [str(run["train_images"]), str(run["epochs"]), f"{run['images_per_second']:.0f}"]
+        assert cells[-3:] == [f"{run['peak_host_gib']:.2f}", f"{run['peak_gpu_gib']:.2f}",
+                              f"{run['validation_accuracy']:.4f}"]
