@@ -106,6 +106,9 @@ def build_parser():
     parser.add_argument("--num_epoch", type=positive_int, default=5, help="number of training epochs")
     parser.add_argument("--batch_size", type=positive_int, default=32,
                         help="training batch size of each data-parallel rank")
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
+                        help="batches whose gradients add up to one optimizer step: the global batch is --batch_size "
+                        "x this x the data-parallel ranks, and the schedule counts optimizer steps")
     parser.add_argument("--tp_size", type=positive_int, default=1,
                         help="tensor-parallel size (hybrid_parallel only); must divide the model's attention "
                         "heads and the dataset's labels")
@@ -175,6 +178,10 @@ def parse_demo_args(argv=None):
             parser.error(f"--microbatch_size {args.microbatch_size} does not split --batch_size {args.batch_size} "
                          f"into at least --pp_size {args.pp_size} whole microbatches; pick one of: "
                          f"{', '.join(map(str, reversed(fitting)))}")
+    if args.gradient_accumulation_steps > 1 and args.pp_size > 1:
+        parser.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} with a pipeline (--pp_size "
+                     f"{args.pp_size}), which already splits each batch into microbatches: raise --batch_size "
+                     "instead, or drop --pp_size")
     if args.skip_unreadable and args.pp_size > 1:  # Colossal-AI's pipeline schedule takes one batch size only
         parser.error(f"--skip_unreadable leaves a batch short of an unreadable image, and a pipeline (--pp_size "
                      f"{args.pp_size}) trains only whole batches; remove the unreadable images, or drop --pp_size")
@@ -196,7 +203,7 @@ def parse_demo_args(argv=None):
 def plugin_settings(args):
     """What the flags ask of the plugin."""
     return PluginSettings(args.plugin, args.precision, args.offload, args.offload_fraction, args.tp_size, args.pp_size,
-                          args.microbatch_size)
+                          args.microbatch_size, args.gradient_accumulation_steps)
 
 
 def layout_error(config, tp_size, pp_size, model_name):

@@ -33,6 +33,7 @@ class PluginSettings:
     tp_size: int = 1
     pp_size: int = 1
     microbatch_size: int | None = None
+    gradient_accumulation_steps: int = 1
 
 
 def build_torch_ddp(settings):  # gradients kept in DDP's buckets, not copied out each step
@@ -53,7 +54,8 @@ def build_gemini(settings):
                                      "all": (1.0, settings.offload_fraction)}[settings.offload]
     # pinned host memory is what gemini's asynchronous gradient reduction uses anyway (it warns if not asked)
     return GeminiPlugin(precision=settings.precision, initial_scale=2**5, pin_memory=True, placement_policy="static",
-                        offload_optim_frac=optimizer_share, offload_param_frac=weight_share)
+                        offload_optim_frac=optimizer_share, offload_param_frac=weight_share,
+                        enable_gradient_accumulation=settings.gradient_accumulation_steps > 1)
 
 
 def build_hybrid_parallel(settings):
@@ -253,6 +255,15 @@ class Boosted:
     lr_scheduler: object
     booster: object
     topology: Topology
+
+
+def gradient_sync(boosted, syncs):
+    """The context of a backward pass that is not an optimizer step's last (`syncs` False): without the reduction
+    of gradients across data-parallel ranks where the plugin can skip it, so that they are reduced once a step
+    (gemini cannot: it reduces them with every batch and adds them up itself)."""
+    if syncs or not boosted.booster.plugin.support_no_sync():
+        return contextlib.nullcontext()
+    return boosted.booster.no_sync(boosted.model, boosted.optimizer)
 
 
 def forward_backward(boosted, batch, criterion, backward):

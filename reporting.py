@@ -68,9 +68,11 @@ def describe_run(model_name, dataset, splits, parameters, device, settings, outp
     offload = (f", offloading the {offloaded} to the host" +
                (f" ({settings.offload_fraction:g} of it)" if settings.offload_fraction < 1 else "")
                if settings.offload != "none" else "")
+    accumulation = settings.gradient_accumulation_steps
+    accumulating = f", {accumulation} batches a step" if accumulation > 1 else ""
     return (f"fine-tuning {model_name} ({parameters / 1e6:.1f}M parameters) on {dataset} ({sizes} images) with "
             f"{settings.plugin} in {settings.precision}{offload}, {processes} process{'es' * (processes > 1)} on "
-            f"{device.type}{layout}; saving to {output_path}")
+            f"{device.type}{layout}{accumulating}; saving to {output_path}")
 
 
 def tensorboard_writer(output_path, first_step):

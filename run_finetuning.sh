@@ -19,6 +19,7 @@ PP_SIZE=${PP_SIZE:-1}                        # pipeline-parallel size (hybrid_pa
 MICROBATCH=${MICROBATCH:-}                   # images per pipeline microbatch (PP_SIZE > 1; default BS / PP_SIZE)
 GPUNUM=${GPUNUM:-1}                          # processes (GPUs) on this node
 BS=${BS:-32}                                 # training batch size of each data-parallel rank
+GRAD_ACCUM=${GRAD_ACCUM:-1}                  # batches a step: the global batch is BS x GRAD_ACCUM x the ranks
 LR=${LR:-3e-4}                               # peak learning rate, used as given whatever GPUNUM is
 EPOCH=${EPOCH:-5}
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.5}
@@ -62,6 +63,7 @@ demo=(vit_train_demo.py
   --pp_size "$PP_SIZE"
   ${MICROBATCH:+--microbatch_size "$MICROBATCH"}
   --batch_size "$BS"
+  --gradient_accumulation_steps "$GRAD_ACCUM"
   --learning_rate "$LR"
   --num_epoch "$EPOCH"
   --weight_decay "$WEIGHT_DECAY"

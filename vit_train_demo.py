@@ -8,6 +8,7 @@ checkpoint), save. The machinery sits in modules named for what they do: data.py
 its images reach the device), plugins.py (what each plugin can do and how it is built), checkpoint.py,
 evaluation.py, devices.py, reporting.py (lines, results.json, plots, timing) and startup.py.
 """
+import itertools
 import math
 import os
 import sys
@@ -31,7 +32,7 @@ from devices import copied_to_host, init_distributed, out_of_memory_named, peak_
 from errors import RunError
 from evaluation import evaluate
 from images import augmentation_draws, augmented, device_images, training_index_batches
-from plugins import Boosted, Topology, build_booster, build_optimizer, forward_backward
+from plugins import Boosted, Topology, build_booster, build_optimizer, forward_backward, gradient_sync
 from resolution import set_resolution, size_error
 
 LOSS_READ_LAG = 2  # steps the host may queue ahead of the GPU before it waits for a step's loss
@@ -69,8 +70,10 @@ def check_output_path(output_path):
         raise RunError(f"--output_path {output_path} is not writable; pass a directory you can write to")
 
 
-def train_epoch(boosted, device_batches, state, criterion, steps_per_epoch, writer, clock, save_every, save_checkpoint):
-    """Trains on `device_batches`, the rest of epoch `state.epoch`, updating `state` as it goes.
+def train_epoch(boosted, device_batches, state, criterion, steps_per_epoch, accumulation, writer, clock, save_every,
+                save_checkpoint):
+    """Trains on `device_batches`, the rest of epoch `state.epoch`, updating `state` as it goes: an optimizer step
+    every `accumulation` batches, whose gradients add up (`criterion` divides each batch's loss by `accumulation`).
 
     A step's loss is read (which waits for the GPU to finish the step) only once LOSS_READ_LAG more steps are
     queued, so the GPU does not idle while the CPU prepares the next step, even when a step takes the CPU about as
@@ -107,21 +110,27 @@ def train_epoch(boosted, device_batches, state, criterion, steps_per_epoch, writ
 
     with tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}",
               disable=not topology.reports, dynamic_ncols=True) as bar:
-        while True:
+        step_loss = None  # the sum of the (divided) losses of this optimizer step's batches so far
+        for batch_number in itertools.count(1):
             fetch_start = time.perf_counter()
             pixel_values, labels, _ = next(device_batches, (None, None, None))
             if pixel_values is None:
                 break
             state.epoch_data_wait += time.perf_counter() - fetch_start
-            loss, _ = forward_backward(boosted, {"pixel_values": pixel_values, "labels": labels}, criterion,
-                                       backward=True)
+            last_of_step = batch_number % accumulation == 0
+            with gradient_sync(boosted, syncs=last_of_step):
+                loss, _ = forward_backward(boosted, {"pixel_values": pixel_values, "labels": labels}, criterion,
+                                           backward=True)
+            state.images_trained += len(labels) * topology.dp_size
+            step_loss = loss if (batch_number - 1) % accumulation == 0 else step_loss + loss
+            if not last_of_step:
+                continue
             boosted.optimizer.step()
             boosted.optimizer.zero_grad()
             boosted.lr_scheduler.step()
             state.step_in_epoch += 1
             state.global_step += 1
-            state.images_trained += len(labels) * topology.dp_size
-            unread.append((*copied_to_host(loss), state.global_step, boosted.lr_scheduler.get_last_lr()[0]))
+            unread.append((*copied_to_host(step_loss), state.global_step, boosted.lr_scheduler.get_last_lr()[0]))
             read_until(LOSS_READ_LAG)
             # the last step of an epoch is saved after the evaluation, with the epoch's results
             if save_every and state.global_step % save_every == 0 and state.step_in_epoch < steps_per_epoch:
@@ -174,10 +183,13 @@ def main():
         # Plugin and booster, set up while loader workers decode the images (a background thread collects them)
         plugin, booster = build_booster(model, settings, device)
         topology = Topology(plugin)
-        steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size
+        accumulation = args.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size // accumulation
         if steps_per_epoch == 0:  # said before any image is decoded
-            raise RunError(f"--batch_size {args.batch_size} x {topology.dp_size} data-parallel ranks is larger "
-                           f"than the {len(splits['train'])} training images; lower --batch_size")
+            accumulated = f" x {accumulation} accumulated batches" if accumulation > 1 else ""
+            raise RunError(f"--batch_size {args.batch_size}{accumulated} x {topology.dp_size} data-parallel ranks "
+                           f"is larger than the {len(splits['train'])} training images; lower --batch_size" +
+                           (" or --gradient_accumulation_steps" if accumulation > 1 else ""))
         announce = print if is_first_rank else (lambda line: None)
         images, fill_caches = device_images(splits, image_processor, device, announce, args.data_mode,
                                             args.cache_budget_gib, args.max_gpu_memory_gib, args.num_workers,
@@ -209,8 +221,9 @@ def main():
         clock.lap("resume")
 
         # Train, evaluating on every image and checkpointing at the end of each epoch
-        def criterion(outputs, inputs):
-            return F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
+        def criterion(outputs, inputs):  # an optimizer step's batches add up to the mean over all their images
+            loss = F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
+            return loss / accumulation if accumulation > 1 else loss
 
         def save_checkpoint():
             if args.keep_checkpoints:
@@ -220,7 +233,8 @@ def main():
 
         def epoch_pass(epoch, first_step=0):  # starts decoding a streamed epoch's images at once
             index_batches = training_index_batches(len(images["train"]), args.batch_size, topology.dp_rank,
-                                                   topology.dp_size, args.seed, epoch)[first_step:]
+                                                   topology.dp_size, args.seed, epoch)
+            index_batches = index_batches[first_step * accumulation:steps_per_epoch * accumulation]
             batches = images["train"].device_batches(index_batches)
             if not args.augment:
                 return batches
@@ -229,7 +243,7 @@ def main():
         upcoming = None  # the next epoch's pass: its streamed images decode while this epoch is evaluated
         for epoch in range(state.epoch, args.num_epoch):
             train_epoch(boosted, upcoming or epoch_pass(epoch, state.step_in_epoch), state, criterion,
-                        steps_per_epoch, writer, clock, args.save_every, save_checkpoint)
+                        steps_per_epoch, accumulation, writer, clock, args.save_every, save_checkpoint)
             upcoming = epoch_pass(epoch + 1) if epoch + 1 < args.num_epoch else None
             loss_sum, loss_count = sum_over_ranks([state.epoch_loss_sum, steps_per_epoch * topology.holds_output],
                                                   device)

@@ -55,6 +55,7 @@ def test_booleans_are_real_switches():
     (["--num_workers", "-1"], "--num_workers"),
     (["--max_train_samples", "0"], "--max_train_samples"),
     (["--data_mode", "stream", "--cache_budget_gib", "2"], "--cache_budget_gib"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
 ])
 def test_out_of_range_values_stop_with_an_argparse_error(capsys, argv, named):
     plugin = [] if "--plugin" in argv else ["--plugin", "torch_ddp"]
@@ -72,6 +73,14 @@ def test_a_pipeline_refuses_to_skip_unreadable_images(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     message = parse_error(capsys, ["--plugin", "hybrid_parallel", "--pp_size", "2", "--skip_unreadable"])
     assert "--skip_unreadable leaves a batch short" in message and "(--pp_size 2) trains only whole batches" in message
+
+
+def test_a_pipeline_refuses_to_accumulate_gradients(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    message = parse_error(capsys, ["--plugin", "hybrid_parallel", "--pp_size", "2",
+                                   "--gradient_accumulation_steps", "4"])
+    assert message == ("error: --gradient_accumulation_steps 4 with a pipeline (--pp_size 2), which already splits "
+                       "each batch into microbatches: raise --batch_size instead, or drop --pp_size (see --help)")
 
 
 def test_pipeline_microbatches_must_split_the_batch_into_one_a_stage_or_more(capsys, monkeypatch):

@@ -235,6 +235,8 @@ def test_each_accepted_dataset_form_trains_end_to_end(tmp_path, form):
     ("--model_name_or_path", "/no/such/model", "error: cannot load model '/no/such/model'"),
     ("--output_path", "/proc/results", "error: cannot create --output_path /proc/results"),
     ("--batch_size", "2000", "error: --batch_size 2000 x 1 data-parallel ranks is larger than the 1034 training images"),
+    ("--gradient_accumulation_steps", "40", "error: --batch_size 32 x 40 accumulated batches x 1 data-parallel ranks "
+     "is larger than the 1034 training images; lower --batch_size or --gradient_accumulation_steps"),
 ])
 def test_bad_input_stops_with_one_line_naming_it(tmp_path, flag, value, message):
     run = run_demo(BEANS_DIR, tmp_path / "model", flag, value)  # the later of a flag given twice holds

@@ -75,6 +75,18 @@ def check_resume_after_a_kill(tmp_path, name, **settings):
     return resumed
 
 
+@pytest.mark.parametrize("plugin", ["torch_ddp", "low_level_zero", "gemini", "hybrid_parallel"])
+def test_accumulated_batches_train_as_one_batch_of_their_size(tmp_path, plugin):
+    """GRAD_ACCUM=4 BS=8 against BS=32, through each plugin's own way of accumulating (no_sync, or gemini's)."""
+    same = {"gpu": True, "PLUGIN": plugin, "GPUNUM": 1, "DATASET": BEANS_DIR, "EPOCH": 2, "LR": 1e-4, "AUGMENT": 0,
+            "KEEP_CHECKPOINTS": 0}
+    _, whole = run_finetuning(tmp_path / "whole", BS=32, **same)
+    _, accumulated = run_finetuning(tmp_path / "accumulated", BS=8, GRAD_ACCUM=4, **same)
+    for one, four in zip(whole["epochs"], accumulated["epochs"], strict=True):  # bf16: to its rounding
+        assert four["train_loss"] == pytest.approx(one["train_loss"], rel=2e-2)
+        assert four["validation"]["loss"] == pytest.approx(one["validation"]["loss"], rel=5e-2)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_pipeline_trains_on_after_evaluating_a_short_last_batch(tmp_path):
     """Two pipeline stages, 36 images a split at batch 32: each evaluation ends in a batch of 4, after which

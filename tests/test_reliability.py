@@ -95,6 +95,22 @@ def test_killed_mid_epoch_then_resumed_ends_like_an_uninterrupted_run(dataset, t
     assert metrics(resumed) == metrics(uninterrupted)
 
 
+def test_an_accumulating_run_killed_and_resumed_ends_like_an_uninterrupted_one(dataset, tmp_path):
+    """GRAD_ACCUM=2: 3 optimizer steps an epoch of 2 batches each; checkpoints fall between steps, and a run
+    resumed from one goes on with the next step's first batch."""
+    accumulating = {"GRAD_ACCUM": 2, "SAVE_EVERY": 1}
+    _, uninterrupted = run_to_end(dataset, tmp_path / "uninterrupted", **accumulating)
+    output_path = tmp_path / "model"
+    process = start_run(dataset, output_path, **accumulating)
+    wait_for((output_path / "checkpoints" / "step_0000001").exists, process)
+    kill_job(process)
+    output, resumed = run_to_end(dataset, output_path, RESUME="latest", **accumulating)
+    resumed_from = re.search(r"resuming from .*/step_(\d+): epoch \d, step \d of 3", output)
+    assert resumed_from and int(resumed_from.group(1)) < 6, output  # mid-run
+    assert metrics(resumed) == metrics(uninterrupted)
+    assert len(uninterrupted["epochs"]) == 2 and uninterrupted["config"]["gradient_accumulation_steps"] == 2
+
+
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(dataset, tmp_path, uninterrupted):
     output_path = tmp_path / "model"
     checkpoints = output_path / "checkpoints"

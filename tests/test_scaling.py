@@ -1,7 +1,8 @@
-"""The GPU count alone changes nothing but speed: 1, 2 and 4 torch_ddp processes on the CPU at the same global
-batch see the same batches in the same order (the one shuffled order dealt out rank by rank), each image cropped and
-flipped the same way (its augmentation is drawn from the seed and the epoch, not from a rank's random stream), so
-they train the same model up to the order of floating-point sums."""
+"""The GPU count alone changes nothing but speed, nor does accumulating gradients over several batches: 1, 2 and 4
+torch_ddp processes on the CPU at the same global batch, whole or accumulated, see the same batches in the same order
+(the one shuffled order dealt out rank by rank), each image cropped and flipped the same way (its augmentation is
+drawn from the seed and the epoch, not from a rank's random stream), so they train the same model up to the order of
+floating-point sums."""
 import pytest
 
 from conftest import copy_beans
@@ -20,18 +21,19 @@ def single_process(small_beans, tmp_path_factory):
     return run_with(1, small_beans, tmp_path_factory.mktemp("processes_1"))
 
 
-def run_with(processes, dataset, output_root):
+def run_with(processes, dataset, output_root, accumulation=1):
     _, results = run_finetuning(output_root / "model", PLUGIN="torch_ddp", GPUNUM=processes, DATASET=dataset,
-                                BS=GLOBAL_BATCH // processes, EPOCH=2, LR=3e-4, WARMUP_RATIO=0.1, AUGMENT=1,
-                                LABEL_SMOOTHING=0, KEEP_CHECKPOINTS=0)
+                                BS=GLOBAL_BATCH // processes // accumulation, GRAD_ACCUM=accumulation, EPOCH=2,
+                                LR=3e-4, WARMUP_RATIO=0.1, AUGMENT=1, LABEL_SMOOTHING=0, KEEP_CHECKPOINTS=0)
     return results
 
 
-@pytest.mark.parametrize("processes", [2, 4])
+@pytest.mark.parametrize("processes, accumulation", [(2, 1), (4, 1), (1, 4), (2, 2)])
 def test_more_processes_at_the_same_global_batch_train_the_same_model(single_process, small_beans, tmp_path,
-                                                                      processes):
-    results = run_with(processes, small_beans, tmp_path)
+                                                                      processes, accumulation):
+    results = run_with(processes, small_beans, tmp_path, accumulation)
     assert results["config"]["data_parallel_size"] == processes
+    assert results["config"]["gradient_accumulation_steps"] == accumulation
     for one, many in zip(single_process["epochs"], results["epochs"]):
         assert many["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)
         assert many["validation"]["loss"] == pytest.approx(one["validation"]["loss"], rel=1e-3)
