@@ -58,7 +58,7 @@ def load_libraries():
         importlib.import_module(module)
 
 
-def describe_run(model_name, dataset, splits, parameters, device, settings, output_path, processes):
+def describe_run(model_name, model_class, dataset, splits, parameters, device, settings, output_path, processes):
     """The header line: what is trained, on what, how (plugins.PluginSettings), and where it goes."""
     sizes = ", ".join(f"{len(splits[name])} {name}" for name in ("train", "validation", "test") if name in splits)
     microbatches = f" in microbatches of {settings.microbatch_size}" if settings.pp_size > 1 else ""
@@ -70,7 +70,7 @@ def describe_run(model_name, dataset, splits, parameters, device, settings, outp
                if settings.offload != "none" else "")
     accumulation = settings.gradient_accumulation_steps
     accumulating = f", {accumulation} batches a step" if accumulation > 1 else ""
-    return (f"fine-tuning {model_name} ({parameters / 1e6:.1f}M parameters) on {dataset} ({sizes} images) with "
+    return (f"fine-tuning {model_name} ({model_class}, {parameters / 1e6:.1f}M parameters) on {dataset} ({sizes} images) with "
             f"{settings.plugin} in {settings.precision}{offload}, {processes} process{'es' * (processes > 1)} on "
             f"{device.type}{layout}{accumulating}; saving to {output_path}")
 

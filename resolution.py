@@ -5,9 +5,9 @@ import torch
 
 def size_error(config, image_size, model_name):
     """Why `image_size` cannot be used with the model of `config`, or None."""
-    patch = config.patch_size
-    if image_size is None or image_size % patch == 0:
+    if image_size is None or image_size % config.patch_size == 0:
         return None
+    patch = config.patch_size
     lower, upper = image_size // patch * patch, (image_size // patch + 1) * patch
     return (f"--image_size {image_size} is not a whole number of the {patch}-pixel patches of {model_name}; pick "
             f"{lower or upper}{f' or {upper}' if lower else ''}")

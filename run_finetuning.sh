@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-MODEL=${MODEL:-google/vit-base-patch16-224}  # hub id or local directory of a pretrained ViT
+MODEL=${MODEL:-google/vit-base-patch16-224}  # hub id or local directory of a pretrained ViT, or of any image
+                                             # classifier transformers loads (DeiT, BEiT, DINOv2, Swin, ConvNeXt)
 IMAGE_SIZE=${IMAGE_SIZE:-}                   # fine-tune at this resolution, e.g. 384 (default: the checkpoint's)
 DATASET=${DATASET:-beans}                    # hub id, or a local image folder, hub snapshot or save_to_disk folder
 DATA_MODE=${DATA_MODE:-auto}                 # cache (decode once, keep on the GPU), stream (loader workers) or auto

@@ -1,12 +1,13 @@
-"""Fine-tunes a pretrained ViT through a Colossal-AI Booster, evaluates it on every image, and saves it.
+"""Fine-tunes a pretrained ViT (or any image classifier transformers loads) through a Colossal-AI Booster, evaluates
+it on every image, and saves it.
 
 Launch with `colossalai run --nproc_per_node N vit_train_demo.py ...` or `torchrun --nproc_per_node N ...`; one
 process also runs as `python vit_train_demo.py ...`. run_finetuning.sh does all three from its variables.
 
 main() is the recipe, top to bottom: parse, launch, data, model, booster, resume, epochs (train, evaluate,
-checkpoint), save. The machinery sits in modules named for what they do: data.py (which dataset), images.py (how
-its images reach the device), plugins.py (what each plugin can do and how it is built), checkpoint.py,
-evaluation.py, devices.py, reporting.py (lines, results.json, plots, timing) and startup.py.
+checkpoint), save. The machinery sits in modules named for what they do: data.py (which dataset), images.py (how its
+images reach the device), models.py (which model), plugins.py (what each plugin can do and how it is built),
+checkpoint.py, evaluation.py, devices.py, reporting.py (lines, results.json, plots, timing) and startup.py.
 """
 import itertools
 import math
@@ -19,46 +20,22 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import transformers
 from tqdm import tqdm
 
 import checkpoint
 import hub
 import reporting
 import startup
-from args import layout_error, parse_demo_args, plugin_settings
+from args import parse_demo_args, plugin_settings
 from data import label_names, load_splits, looks_like_path, random_subsets
 from devices import copied_to_host, init_distributed, out_of_memory_named, peak_memory, sum_over_ranks
 from errors import RunError
 from evaluation import evaluate
 from images import augmentation_draws, augmented, device_images, training_index_batches
+from models import load_model
 from plugins import Boosted, Topology, build_booster, build_optimizer, forward_backward, gradient_sync
-from resolution import set_resolution, size_error
 
 LOSS_READ_LAG = 2  # steps the host may queue ahead of the GPU before it waits for a step's loss
-
-
-def load_model(model_name, names, tp_size, pp_size, image_size=None):
-    """The image processor, and the model with a new classification head for `names`, at `image_size` pixels a side
-    if given (resolution.py). A tensor or pipeline layout the model cannot be split into, or a size its patches do
-    not tile, is refused from its config, before the weights are read."""
-    try:
-        config = transformers.ViTConfig.from_pretrained(model_name, num_labels=len(names),
-                                                        id2label=dict(enumerate(names)),
-                                                        label2id={name: i for i, name in enumerate(names)})
-        if error := layout_error(config, tp_size, pp_size, model_name) or size_error(config, image_size, model_name):
-            raise RunError(error)
-        image_processor = transformers.AutoImageProcessor.from_pretrained(model_name, use_fast=True)
-        model = transformers.ViTForImageClassification.from_pretrained(model_name, config=config,
-                                                                       ignore_mismatched_sizes=True,
-                                                                       attn_implementation="sdpa")
-    except OSError as error:
-        first_line = str(error).splitlines()[0]
-        raise RunError(f"cannot load model '{model_name}' ({first_line}); check the name, or pass a local copy: "
-                       "--model_name_or_path /path/to/model") from None
-    if image_size and image_size != config.image_size:
-        set_resolution(model, image_processor, image_size)
-    return image_processor, model
 
 
 def check_output_path(output_path):
@@ -165,17 +142,16 @@ def main():
     splits = random_subsets(splits, args.max_train_samples, args.max_eval_samples, args.seed)
     clock.lap("dataset")
 
-    # Model: the pretrained ViT with a new head for the dataset's labels
-    image_processor, model = load_model(args.model_name_or_path, names, args.tp_size, args.pp_size, args.image_size)
-    parameters = sum(parameter.numel() for parameter in model.parameters())
+    # Model: the pretrained image classifier with a new head for the dataset's labels
     settings = plugin_settings(args)
+    image_processor, model = load_model(args.model_name_or_path, names, settings, args.image_size,
+                                        args.grad_checkpoint)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
     if is_first_rank:
-        print(reporting.describe_run(args.model_name_or_path, args.dataset, splits, parameters, device, settings,
-                                     args.output_path, dist.get_world_size()))
+        print(reporting.describe_run(args.model_name_or_path, type(model).__name__, args.dataset, splits, parameters,
+                                     device, settings, args.output_path, dist.get_world_size()))
         if "test" not in splits:
             print(f"dataset {args.dataset} has no test split: skipping the test evaluation")
-    if args.grad_checkpoint:
-        model.gradient_checkpointing_enable()
     clock.lap("model")
 
     with out_of_memory_named(args.model_name_or_path, parameters, args.batch_size, args.plugin, args.offload,

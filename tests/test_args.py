@@ -6,6 +6,7 @@ from transformers import ViTConfig
 
 from args import build_parser, layout_error, parse_demo_args
 from conftest import MODEL_DIR, ROOT
+from plugins import PluginSettings
 
 
 def parse_error(capsys, argv):
@@ -114,14 +115,15 @@ def test_a_layout_the_model_cannot_be_split_into_is_named():
 
 def test_a_layout_the_model_cannot_be_split_into_is_refused_before_its_weights_are_read(tmp_path):
     from errors import RunError
-    from vit_train_demo import load_model
+    from models import load_model
 
     for name in ("config.json", "preprocessor_config.json"):  # the weights left out: reading them would fail
         (tmp_path / name).write_bytes((MODEL_DIR / name).read_bytes())
     with pytest.raises(RunError, match=r"^--tp_size 2 does not divide both the 3 attention heads and the 3 labels"):
-        load_model(str(tmp_path), ["angular_leaf_spot", "bean_rust", "healthy"], tp_size=2, pp_size=1)
+        load_model(str(tmp_path), ["angular_leaf_spot", "bean_rust", "healthy"],
+                   PluginSettings("hybrid_parallel", "bf16", tp_size=2))
     with pytest.raises(RunError, match=r"^cannot load model"):  # the layout fits: the missing weights are next
-        load_model(str(tmp_path), ["a", "b", "c"], tp_size=1, pp_size=1)
+        load_model(str(tmp_path), ["a", "b", "c"], PluginSettings("hybrid_parallel", "bf16"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
@@ -184,3 +186,28 @@ def test_offload_a_plugin_cannot_do_is_refused(capsys, argv, message):
 ])
 def test_offload_a_gpu_plugin_cannot_do_is_refused(capsys, argv, message):
     assert message in parse_error(capsys, argv)
+
+
+def test_what_a_model_family_cannot_do_is_refused_from_its_config():
+    from transformers import BertConfig, ConvNextConfig, SwinConfig
+
+    from errors import RunError
+    from models import classifier_class, model_error
+
+    def error(config, plugin="torch_ddp", image_size=None, grad_checkpoint=False):
+        return model_error(config, classifier_class(config, "m"), PluginSettings(plugin, "bf16"), image_size,
+                           grad_checkpoint, "m")
+
+    convnext, swin = ConvNextConfig(num_labels=3), SwinConfig(num_labels=3)
+    assert error(convnext) is None and error(swin, grad_checkpoint=True) is None
+    assert error(convnext, plugin="hybrid_parallel") == (
+        "--plugin hybrid_parallel builds models through Colossal-AI's ShardFormer, which has no policy for "
+        "ConvNextForImageClassification (m); use --plugin torch_ddp or low_level_zero or gemini")
+    assert error(ViTConfig(num_labels=3), plugin="hybrid_parallel") is None
+    assert error(convnext, grad_checkpoint=True) == (
+        "--grad_checkpoint: transformers' ConvNextForImageClassification cannot recompute its activations; drop "
+        "--grad_checkpoint")
+    assert error(swin, image_size=384) == ("--image_size 384: another resolution than the checkpoint's is supported "
+                                           "for ViTs, not for SwinForImageClassification; drop --image_size")
+    with pytest.raises(RunError, match=r"^m is a bert model, which transformers cannot build as an image classifier"):
+        classifier_class(BertConfig(), "m")

@@ -211,6 +211,43 @@ def test_dataset_without_test_split_skips_the_test_evaluation(tmp_path):
     assert "No CUDA GPU found: running torch_ddp on the CPU instead of gemini." in run.stdout
 
 
+def tiny_classifier(family, destination):
+    """A random-weight image classifier of `family`, 32 px, a few thousand parameters, with its family's own image
+    processor: a stand-in for the hub's checkpoints, saved as they are."""
+    import transformers as hf
+    config, image_processor = {
+        "beit": (hf.BeitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64), hf.BeitImageProcessor(size={"height": 32, "width": 32},
+                                                                            do_center_crop=False)),
+        "dinov2": (hf.Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, mlp_ratio=2),
+                   hf.BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})),
+        "swin": (hf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                               window_size=4), hf.ViTImageProcessor(size={"height": 32, "width": 32})),
+        "convnext": (hf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+                     hf.ConvNextImageProcessor(size={"shortest_edge": 32})),
+    }[family]
+    hf.AutoModelForImageClassification.from_config(config).save_pretrained(destination)
+    image_processor.save_pretrained(destination)
+    return destination
+
+
+@pytest.mark.parametrize("family, model_class", [("beit", "BeitForImageClassification"),
+                                                 ("dinov2", "Dinov2ForImageClassification"),
+                                                 ("swin", "SwinForImageClassification"),
+                                                 ("convnext", "ConvNextForImageClassification")])
+def test_each_model_family_trains_and_is_served_as_measured(tmp_path, family, model_class):
+    dataset = copy_beans(tmp_path / "beans", per_label=4)
+    model = tiny_classifier(family, tmp_path / family)
+    run, results = run_finetuning(tmp_path / "model", PLUGIN="torch_ddp", MODEL=model, DATASET=dataset, GPUNUM=1,
+                                  EPOCH=1, BS=4)
+    assert run.stdout.startswith(f"fine-tuning {model} ({model_class}, ")
+    check_schema(results, num_epoch=1, num_validation=12, num_test=12)
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["architectures"] == [model_class]
+    assert predicted_confusion(tmp_path / "model", dataset / "validation") == \
+        results["epochs"][-1]["validation"]["confusion_matrix"]
+
+
 def save_to_disk_folder(image_folder, destination):
     load_splits(str(image_folder)).save_to_disk(str(destination))
     return destination

@@ -10,6 +10,9 @@ import torch.multiprocessing as mp
 from colossalai.testing import free_port
 
 from conftest import BEANS_DIR, MODEL_DIR
+from plugins import PluginSettings
+
+TORCH_DDP = PluginSettings("torch_ddp", "fp32")
 
 
 def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
@@ -22,7 +25,7 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     from images import Decoder
     from plugins import Boosted, Topology
     from test_data import decoded
-    from vit_train_demo import load_model
+    from models import load_model
 
     # a bounded timeout: a rank that never arrives fails the test in two minutes instead of hanging CI
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -30,7 +33,7 @@ def evaluate_on_ranks(rank, world_size, port, batch_size, result_file):
     torch.manual_seed(0)  # the same new classification head in every run
     splits = load_splits(str(BEANS_DIR))
     names = label_names(splits, str(BEANS_DIR))
-    image_processor, model = load_model(str(MODEL_DIR), names, tp_size=1, pp_size=1)
+    image_processor, model = load_model(str(MODEL_DIR), names, TORCH_DDP)
     device = torch.device("cpu")
     validation = decoded({"validation": splits["validation"]}, Decoder(image_processor), device, cached=True,
                          num_workers=0, skip_unreadable=False)["validation"]
@@ -66,11 +69,11 @@ def test_one_process_measures_what_the_model_does_on_every_validation_image(one_
     from transformers.image_utils import load_image
 
     from data import label_names, labels_of, load_splits
-    from vit_train_demo import load_model
+    from models import load_model
 
     splits = load_splits(str(BEANS_DIR))
     torch.manual_seed(0)
-    image_processor, model = load_model(str(MODEL_DIR), label_names(splits, str(BEANS_DIR)), tp_size=1, pp_size=1)
+    image_processor, model = load_model(str(MODEL_DIR), label_names(splits, str(BEANS_DIR)), TORCH_DDP)
     validation = splits["validation"]
     inputs = image_processor([load_image(cell["path"]) for cell in validation["image"]], return_tensors="pt")
     logits, labels = model.eval()(**inputs).logits, torch.tensor(labels_of(validation))

@@ -1,0 +1,73 @@
+"""Which model: any image classifier transformers loads (AutoModelForImageClassification: ViT, DeiT, BEiT, DINOv2,
+Swin, ConvNeXt, SigLIP's vision tower, ...), with a new head for the dataset's labels. What a run asks of the model
+(a plugin that must shard it, a tensor or pipeline layout, another resolution, gradient checkpointing) is checked
+against its config, before its weights are read."""
+import transformers
+
+from args import layout_error
+from errors import RunError
+from plugins import PLUGINS, able
+from resolution import set_resolution, size_error
+
+# the image classifiers Colossal-AI 0.5.0's ShardFormer has a policy for (colossalai/shardformer/policies/
+# auto_policy.py), which hybrid_parallel needs to build the model at all
+SHARDFORMER_CLASSIFIERS = ("ViTForImageClassification",)
+
+
+def classifier_class(config, model_name):
+    """The class AutoModelForImageClassification builds for `config`, or a one-line refusal."""
+    classes = transformers.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING.get(type(config), None)
+    if classes is None:
+        raise RunError(f"{model_name} is a {config.model_type} model, which transformers cannot build as an image "
+                       "classifier (AutoModelForImageClassification); pass an image model such as a ViT, DeiT, BEiT, "
+                       "DINOv2, Swin, ConvNeXt or SigLIP")
+    return classes[0] if isinstance(classes, tuple) else classes
+
+
+def model_error(config, model_class, settings, image_size, grad_checkpoint, model_name):
+    """Why the model of `config` (built as `model_class`) cannot train as asked, or None."""
+    name = model_class.__name__
+    if PLUGINS[settings.plugin].model_parallel and name not in SHARDFORMER_CLASSIFIERS:
+        others = able(lambda plugin: plugin.on_cpu or not plugin.model_parallel and plugin.variant_of is None)
+        return (f"--plugin {settings.plugin} builds models through Colossal-AI's ShardFormer, which has no policy for "
+                f"{name} ({model_name}); use --plugin {others}")
+    if settings.tp_size * settings.pp_size > 1 and (error := layout_error(config, settings.tp_size, settings.pp_size,
+                                                                          model_name)):
+        return error
+    if image_size and config.model_type != "vit":
+        return (f"--image_size {image_size}: another resolution than the checkpoint's is supported for ViTs, not for "
+                f"{name}; drop --image_size")
+    if error := size_error(config, image_size, model_name):
+        return error
+    if grad_checkpoint and not model_class.supports_gradient_checkpointing:
+        return f"--grad_checkpoint: transformers' {name} cannot recompute its activations; drop --grad_checkpoint"
+    return None
+
+
+def load_model(model_name, names, settings, image_size=None, grad_checkpoint=False):
+    """The image processor, and the model with a new classification head for `names`, trained as `settings`
+    (plugins.PluginSettings) say, at `image_size` pixels a side if given (resolution.py), recomputing activations
+    in the backward pass if `grad_checkpoint`."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_name, num_labels=len(names),
+                                                         id2label=dict(enumerate(names)),
+                                                         label2id={name: i for i, name in enumerate(names)})
+        model_class = classifier_class(config, model_name)
+        if error := model_error(config, model_class, settings, image_size, grad_checkpoint, model_name):
+            raise RunError(error)
+        image_processor = transformers.AutoImageProcessor.from_pretrained(model_name, use_fast=True)
+        model = model_class.from_pretrained(model_name, config=config, ignore_mismatched_sizes=True)
+    except (OSError, ValueError) as error:  # ValueError: a config.json transformers cannot read
+        first_line = str(error).splitlines()[0]
+        raise RunError(f"cannot load model '{model_name}' ({first_line}); check the name, or pass a local copy: "
+                       "--model_name_or_path /path/to/model") from None
+    if image_size and image_size != config.image_size:
+        set_resolution(model, image_processor, image_size)
+    for name, parameter in model.named_parameters():
+        # masked image modelling's token (DINOv2 has one), which classifying never uses: DDP would stop at the
+        # second step, its gradient never having come
+        if name.endswith("mask_token"):
+            parameter.requires_grad_(False)
+    if grad_checkpoint:
+        model.gradient_checkpointing_enable()
+    return image_processor, model
