@@ -136,6 +136,15 @@ def build_parser():
     parser.add_argument("--offload_fraction", type=fraction, default=1.0,
                         help="gemini: the share of what --offload names that goes to the host; below 1 the rest "
                         "stays on the GPU, which is faster while it fits")
+    parser.add_argument("--lora_rank", type=non_negative_int, default=0,
+                        help="LoRA: train adapters of this rank on --lora_target_modules and the whole classification "
+                        "head, the rest frozen (0: full fine-tuning of every weight)")
+    parser.add_argument("--lora_alpha", type=positive_float, default=None,
+                        help="LoRA: the adapters' scale is this over --lora_rank (default: --lora_rank, a scale of 1)")
+    parser.add_argument("--lora_dropout", type=ratio, default=0.1, help="LoRA: dropout on the adapters' input")
+    parser.add_argument("--lora_target_modules", default=None,
+                        help="LoRA: comma-separated names of the linear layers that get adapters (default: attention's "
+                        "query and value projections, as in PEFT's image-classification guide)")
     parser.add_argument("--grad_checkpoint", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in the backward pass to save memory")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
@@ -185,6 +194,10 @@ def parse_demo_args(argv=None):
     if args.skip_unreadable and args.pp_size > 1:  # Colossal-AI's pipeline schedule takes one batch size only
         parser.error(f"--skip_unreadable leaves a batch short of an unreadable image, and a pipeline (--pp_size "
                      f"{args.pp_size}) trains only whole batches; remove the unreadable images, or drop --pp_size")
+    for flag, value in (("--lora_alpha", args.lora_alpha), ("--lora_target_modules", args.lora_target_modules)):
+        if not args.lora_rank and value is not None:
+            parser.error(f"{flag} {value} is for LoRA adapters and there are none; add --lora_rank (e.g. 16), or "
+                         f"drop {flag}")
     if error := settings_error(plugin_settings(args), on_gpu):
         parser.error(error)
     if args.max_gpu_memory_gib is not None and not on_gpu:
@@ -203,7 +216,7 @@ def parse_demo_args(argv=None):
 def plugin_settings(args):
     """What the flags ask of the plugin."""
     return PluginSettings(args.plugin, args.precision, args.offload, args.offload_fraction, args.tp_size, args.pp_size,
-                          args.microbatch_size, args.gradient_accumulation_steps)
+                          args.microbatch_size, args.gradient_accumulation_steps, args.lora_rank)
 
 
 def layout_error(config, tp_size, pp_size, model_name):

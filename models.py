@@ -1,7 +1,9 @@
 """Which model: any image classifier transformers loads (AutoModelForImageClassification: ViT, DeiT, BEiT, DINOv2,
-Swin, ConvNeXt, SigLIP's vision tower, ...), with a new head for the dataset's labels. What a run asks of the model
+Swin, ConvNeXt, SigLIP's vision tower, ...), with a new head for the dataset's labels, trained in full or through
+LoRA adapters. What a run asks of the model
 (a plugin that must shard it, a tensor or pipeline layout, another resolution, gradient checkpointing) is checked
 against its config, before its weights are read."""
+import torch
 import transformers
 
 from args import layout_error
@@ -71,3 +73,27 @@ def load_model(model_name, names, settings, image_size=None, grad_checkpoint=Fal
     if grad_checkpoint:
         model.gradient_checkpointing_enable()
     return image_processor, model
+
+
+def with_lora(model, booster, rank, alpha, dropout, target_modules):
+    """`model` with LoRA adapters of `rank` on the linear layers named in `target_modules` (comma-separated) and
+    its classification head trained in full, through Colossal-AI's booster.enable_lora (PEFT underneath)."""
+    from peft import LoraConfig
+    targets = [name.strip() for name in target_modules.split(",") if name.strip()]
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=targets,
+                        modules_to_save=["classifier"])
+    try:
+        return booster.enable_lora(model, lora_config=config)
+    except ValueError as error:
+        if "not found in the base model" not in str(error):
+            raise
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear) and "classifier" not in name})
+        raise RunError(f"--lora_target_modules {target_modules} names no layer of {type(model).__name__}; name some "
+                       f"of its linear layers: {', '.join(linear)}") from None
+
+
+def save_merged(boosted_model, output_path):
+    """Saves the LoRA-trained `boosted_model` as a plain model, its adapters merged into the weights, which
+    transformers and predict.py load as they are (on one rank, after the adapters are saved: merging ends them)."""
+    boosted_model.unwrap(unwrap_peft=False).merge_and_unload().save_pretrained(output_path, safe_serialization=True)

@@ -34,6 +34,7 @@ class PluginSettings:
     pp_size: int = 1
     microbatch_size: int | None = None
     gradient_accumulation_steps: int = 1
+    lora_rank: int = 0
 
 
 def build_torch_ddp(settings):  # gradients kept in DDP's buckets, not copied out each step
@@ -80,6 +81,7 @@ class Plugin:
     offload_fraction: bool = False  # can keep a share of what it offloads on the GPU (--offload_fraction)
     model_parallel: bool = False  # tensor and pipeline parallel (--tp_size, --pp_size)
     on_cpu: bool = False  # trains without a GPU
+    lora: bool = False  # trains LoRA adapters (Colossal-AI's booster.enable_lora; not with tensor parallelism)
     autocast: bool = False  # trains in 16 bits through torch.autocast (bf16) or torch AMP (fp16), not by itself
     colossalai_adam_only: bool = False  # takes only Colossal-AI's own Adam kernels
     variant_of: str | None = None  # the plugin it is, in its one precision
@@ -92,14 +94,14 @@ class Plugin:
 
 
 PLUGINS = {
-    "torch_ddp": Plugin(build_torch_ddp, on_cpu=True, autocast=True, step_counts_restored_on_host=True),
-    "torch_ddp_fp16": Plugin(build_torch_ddp, precisions=("fp16",), autocast=True, variant_of="torch_ddp",
+    "torch_ddp": Plugin(build_torch_ddp, on_cpu=True, lora=True, autocast=True, step_counts_restored_on_host=True),
+    "torch_ddp_fp16": Plugin(build_torch_ddp, precisions=("fp16",), lora=True, autocast=True, variant_of="torch_ddp",
                              step_counts_restored_on_host=True),
-    "low_level_zero": Plugin(build_low_level_zero, offloads=("none", "optimizer"), step_counts_restored_on_host=True,
-                             master_weights_rebuilt_from_model=True),
+    "low_level_zero": Plugin(build_low_level_zero, offloads=("none", "optimizer"), lora=True,
+                             step_counts_restored_on_host=True, master_weights_rebuilt_from_model=True),
     "gemini": Plugin(build_gemini, precisions=("bf16", "fp16"), offloads=OFFLOADS, offload_fraction=True,
                      colossalai_adam_only=True),
-    "hybrid_parallel": Plugin(build_hybrid_parallel, offloads=("none", "optimizer"),
+    "hybrid_parallel": Plugin(build_hybrid_parallel, offloads=("none", "optimizer"), lora=True,
                               offload_precisions=("bf16", "fp16"), model_parallel=True,
                               step_counts_restored_on_host=True, master_weights_rebuilt_from_model=True),
 }
@@ -126,6 +128,10 @@ def settings_error(settings, on_gpu):
         return (f"--plugin {name} cannot --offload {settings.offload}; use --plugin "
                 f"{able(lambda plugin: settings.offload in plugin.offloads)}" +
                 (f" ({' and '.join(partial)} offload only the optimizer)" if settings.offload == "all" else ""))
+    if settings.lora_rank and (not plugin.lora or settings.tp_size > 1):
+        return (f"--lora_rank {settings.lora_rank} needs --plugin {able(lambda plugin: plugin.lora)} (Colossal-AI "
+                f"0.5.0 trains LoRA adapters with those, without tensor parallelism); got --plugin {name}" +
+                (f" --tp_size {settings.tp_size}" if settings.tp_size > 1 else ""))
     if settings.offload_fraction != 1 and (not plugin.offload_fraction or settings.offload == "none"):
         splitting = able(lambda plugin: plugin.offload_fraction)
         return (f"--offload_fraction {settings.offload_fraction:g} splits what {splitting} offloads; it needs "
@@ -182,9 +188,9 @@ def build_optimizer(model, settings, learning_rate, weight_decay, verbose=False)
     """AdamW: Colossal-AI's HybridAdam where weights live on the host (Adam on the CPU for those, fused on the GPU
     for the rest), its FusedAdam on a plugin that takes only Colossal-AI's Adam, PyTorch's fused one elsewhere."""
     offload = settings.offload != "none"
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]  # not what LoRA freezes
     if not offload and not PLUGINS[settings.plugin].colossalai_adam_only:
-        return torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay,
-                                 fused=torch.cuda.is_available())
+        return torch.optim.AdamW(trained, lr=learning_rate, weight_decay=weight_decay, fused=torch.cuda.is_available())
     from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
     from colossalai.nn.optimizer import FusedAdam, HybridAdam
     unbuilt = [name for loader in [FusedOptimizerLoader] + [CPUAdamLoader] * offload
@@ -195,8 +201,8 @@ def build_optimizer(model, settings, learning_rate, weight_decay, verbose=False)
                        f"python3 -c \"{BUILD_KERNELS}\"")
     # Colossal-AI prints two lines whenever it loads a kernel
     with contextlib.redirect_stdout(io.StringIO()) as kernel_log:
-        optimizer = (HybridAdam if offload else FusedAdam)(model.parameters(), lr=learning_rate,
-                                                           weight_decay=weight_decay, adamw_mode=True)
+        optimizer = (HybridAdam if offload else FusedAdam)(trained, lr=learning_rate, weight_decay=weight_decay,
+                                                           adamw_mode=True)
     if verbose:
         print(kernel_log.getvalue(), end="")
     return optimizer

@@ -34,6 +34,7 @@ MAX_GPU_MEMORY_GIB=${MAX_GPU_MEMORY_GIB:-}   # most GPU memory each process may 
 OFFLOAD=${OFFLOAD:-none}                     # model larger than the GPU: optimizer (low_level_zero, gemini,
                                              # hybrid_parallel) or all (gemini) to host memory (docs/big-models.md)
 OFFLOAD_FRACTION=${OFFLOAD_FRACTION:-1}      # gemini: the share of it on the host (lower is faster while it fits)
+LORA_RANK=${LORA_RANK:-0}                    # LoRA adapters of this rank instead of full fine-tuning (0: none)
 GRAD_CHECKPOINT=${GRAD_CHECKPOINT:-0}        # 1: recompute activations in the backward pass (less memory)
 RESUME=${RESUME:-}                           # 'latest' or a checkpoint folder to continue from
 LAUNCHER=${LAUNCHER:-auto}                   # colossalai (colossalai run), torchrun, python (one process only), or
@@ -79,6 +80,7 @@ demo=(vit_train_demo.py
   ${MAX_GPU_MEMORY_GIB:+--max_gpu_memory_gib "$MAX_GPU_MEMORY_GIB"}
   --offload "$OFFLOAD"
   --offload_fraction "$OFFLOAD_FRACTION"
+  --lora_rank "$LORA_RANK"
   $([ "$GRAD_CHECKPOINT" = 1 ] && echo --grad_checkpoint || echo --no-grad_checkpoint)
   $([ "$VERBOSE" = 1 ] && echo --verbose || echo --no-verbose)
   "$@")

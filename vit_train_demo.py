@@ -32,7 +32,7 @@ from devices import copied_to_host, init_distributed, out_of_memory_named, peak_
 from errors import RunError
 from evaluation import evaluate
 from images import augmentation_draws, augmented, device_images, training_index_batches
-from models import load_model
+from models import load_model, save_merged, with_lora
 from plugins import Boosted, Topology, build_booster, build_optimizer, forward_backward, gradient_sync
 
 LOSS_READ_LAG = 2  # steps the host may queue ahead of the GPU before it waits for a step's loss
@@ -158,6 +158,10 @@ def main():
                              args.offload_fraction, args.grad_checkpoint, args.max_gpu_memory_gib):
         # Plugin and booster, set up while loader workers decode the images (a background thread collects them)
         plugin, booster = build_booster(model, settings, device)
+        if args.lora_rank:
+            model = with_lora(model, booster, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                              args.lora_target_modules or "query,value")
+        trained_parameters = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
         topology = Topology(plugin)
         accumulation = args.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(splits["train"]) / topology.dp_size) // args.batch_size // accumulation
@@ -247,7 +251,12 @@ def main():
         unreadable_on_ranks = [None] * dist.get_world_size()
         dist.all_gather_object(unreadable_on_ranks, state.unreadable)
         with checkpoint.write_errors_named(args.output_path):
-            booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
+            if args.lora_rank:  # the adapters as PEFT saves them, and the model with them merged in
+                booster.save_lora_as_pretrained(model, os.path.join(args.output_path, "adapter"), use_safetensors=True)
+                if is_first_rank:
+                    save_merged(model, args.output_path)
+            else:
+                booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
             if is_first_rank:
                 image_processor.save_pretrained(args.output_path)
             if topology.reports:
@@ -259,7 +268,8 @@ def main():
                 results = {
                     "config": {**vars(args), "world_size": dist.get_world_size(),
                                "data_parallel_size": topology.dp_size, "device": str(device), "label_names": names,
-                               "num_parameters": parameters, "num_train_examples": len(train_images)},
+                               "num_parameters": parameters, "num_trained_parameters": trained_parameters,
+                               "num_train_examples": len(train_images)},
                     "data": {"mode": "cache" if train_images.cached else "stream",
                              "num_workers": train_images.num_workers,
                              "num_examples": {name: len(split_images) for name, split_images in images.items()},

@@ -6,7 +6,7 @@ from transformers import ViTConfig
 
 from args import build_parser, layout_error, parse_demo_args
 from conftest import MODEL_DIR, ROOT
-from plugins import PluginSettings
+from plugins import PluginSettings, settings_error
 
 
 def parse_error(capsys, argv):
@@ -211,3 +211,18 @@ def test_what_a_model_family_cannot_do_is_refused_from_its_config():
                                            "for ViTs, not for SwinForImageClassification; drop --image_size")
     with pytest.raises(RunError, match=r"^m is a bert model, which transformers cannot build as an image classifier"):
         classifier_class(BertConfig(), "m")
+
+
+def test_lora_settings_without_lora_or_on_a_plugin_without_it_are_refused(capsys):
+    assert parse_error(capsys, ["--plugin", "torch_ddp", "--lora_alpha", "32"]) == (
+        "error: --lora_alpha 32.0 is for LoRA adapters and there are none; add --lora_rank (e.g. 16), or drop "
+        "--lora_alpha (see --help)")
+    assert parse_error(capsys, ["--plugin", "torch_ddp", "--lora_target_modules", "query"]).startswith(
+        "error: --lora_target_modules query is for LoRA adapters and there are none")
+    assert parse_demo_args(["--plugin", "torch_ddp", "--lora_rank", "8", "--lora_alpha", "16"]).lora_rank == 8
+    gemini, split = PluginSettings("gemini", "bf16", lora_rank=8), PluginSettings("hybrid_parallel", "bf16", tp_size=2,
+                                                                                   lora_rank=8)
+    assert settings_error(gemini, on_gpu=True) == (
+        "--lora_rank 8 needs --plugin torch_ddp or torch_ddp_fp16 or low_level_zero or hybrid_parallel (Colossal-AI "
+        "0.5.0 trains LoRA adapters with those, without tensor parallelism); got --plugin gemini")
+    assert settings_error(split, on_gpu=True).endswith("got --plugin hybrid_parallel --tp_size 2")

@@ -248,6 +248,27 @@ def test_each_model_family_trains_and_is_served_as_measured(tmp_path, family, mo
         results["epochs"][-1]["validation"]["confusion_matrix"]
 
 
+def test_lora_trains_adapters_and_saves_a_merged_model_served_as_measured(tmp_path):
+    from safetensors.torch import load_file
+    dataset = copy_beans(tmp_path / "beans", per_label=8)
+    output_path = tmp_path / "model"
+    run, results = run_finetuning(output_path, PLUGIN="torch_ddp", GPUNUM=1, DATASET=dataset, EPOCH=2, BS=8, LR=1e-3,
+                                  LORA_RANK=4)
+    assert ", LoRA adapters of rank 4; saving to" in run.stdout.splitlines()[0]
+    # rank-4 adapters on query and value of DeiT-tiny's 12 layers (192 wide), and the 3-label head in full
+    assert results["config"]["num_trained_parameters"] == 12 * 2 * 4 * (192 + 192) + (192 * 3 + 3)
+    adapter = json.loads((output_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["query", "value"]
+    assert (output_path / "adapter" / "adapter_model.safetensors").exists()
+    merged, pretrained = load_file(output_path / "model.safetensors"), load_file(MODEL_DIR / "model.safetensors")
+    layer = "vit.encoder.layer.5.attention.attention"
+    assert torch.equal(merged[f"{layer}.key.weight"], pretrained[f"{layer}.key.weight"])  # frozen
+    assert not torch.equal(merged[f"{layer}.query.weight"], pretrained[f"{layer}.query.weight"])  # adapted
+    assert not any("lora" in name for name in merged)  # a plain model
+    assert predicted_confusion(output_path, dataset / "validation") == \
+        results["epochs"][-1]["validation"]["confusion_matrix"]
+
+
 def save_to_disk_folder(image_folder, destination):
     load_splits(str(image_folder)).save_to_disk(str(destination))
     return destination
@@ -281,6 +302,14 @@ def test_bad_input_stops_with_one_line_naming_it(tmp_path, flag, value, message)
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith(message) and "Traceback" not in run.stderr
     assert "\ndata:" not in run.stdout  # said before any image is decoded
+
+
+def test_lora_on_layers_the_model_does_not_have_names_those_it_has(tmp_path):
+    run = run_demo(BEANS_DIR, tmp_path / "model", "--lora_rank", "4", "--lora_target_modules", "qkv")
+    assert run.returncode == 1 and "Traceback" not in run.stderr and "\ndata:" not in run.stdout
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: --lora_target_modules qkv names no layer of ViTForImageClassification; name some of its linear "
+        "layers: dense, key, query, value")
 
 
 def test_a_checkpoint_without_a_classification_head_gets_one(tmp_path):

@@ -87,6 +87,16 @@ def test_accumulated_batches_train_as_one_batch_of_their_size(tmp_path, plugin):
         assert four["validation"]["loss"] == pytest.approx(one["validation"]["loss"], rel=5e-2)
 
 
+@pytest.mark.parametrize("plugin", ["torch_ddp", "low_level_zero", "hybrid_parallel"])
+def test_lora_trains_on_each_plugin_that_has_it_and_is_served_merged(tmp_path, plugin):
+    output_path = tmp_path / "model"
+    _, results = run_finetuning(output_path, gpu=True, PLUGIN=plugin, GPUNUM=1, DATASET=BEANS_DIR, LORA_RANK=16,
+                                LR=1e-3, EPOCH=5)
+    assert results["config"]["num_trained_parameters"] < results["config"]["num_parameters"] / 10
+    assert results["epochs"][-1]["validation"]["accuracy"] > 0.6  # it learned: chance is 1/3
+    check_pipeline_classifies_test_split(output_path, results, device=0)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_pipeline_trains_on_after_evaluating_a_short_last_batch(tmp_path):
     """Two pipeline stages, 36 images a split at batch 32: each evaluation ends in a batch of 4, after which
