@@ -39,6 +39,12 @@ def init_distributed(seed, max_gpu_memory_gib=None, verbose=False):
     return device
 
 
+def available_host_bytes():
+    """Host memory that new allocations can take without swapping (the kernel's MemAvailable)."""
+    with open("/proc/meminfo") as meminfo:
+        return 1024 * next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+
+
 def cap_gpu_memory(gib, device):
     """Makes allocating more than `gib` GiB on `device` in this process raise torch.OutOfMemoryError."""
     total = torch.cuda.get_device_properties(device).total_memory

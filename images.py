@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data import labels_of
+from devices import available_host_bytes
 from errors import RunError
 
 
@@ -266,9 +267,7 @@ def cache_budget(device, budget_gib=None, gpu_cap_gib=None):
         if gpu_cap_gib:
             free = min(free, int(gpu_cap_gib * 2**30) - torch.cuda.memory_reserved(device))
         return max(free, 0) // 4
-    with open("/proc/meminfo") as meminfo:
-        available_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
-    return available_kib * 1024 // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return available_host_bytes() // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def default_num_workers():

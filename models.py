@@ -1,15 +1,23 @@
 """Which model: any image classifier transformers loads (AutoModelForImageClassification: ViT, DeiT, BEiT, DINOv2,
 Swin, ConvNeXt, SigLIP's vision tower, ...), with a new head for the dataset's labels, trained in full or through
-LoRA adapters. What a run asks of the model
-(a plugin that must shard it, a tensor or pipeline layout, another resolution, gradient checkpointing) is checked
-against its config, before its weights are read."""
+LoRA adapters. What a run asks of the model (a plugin that must shard it, a tensor or pipeline layout, another
+resolution, gradient checkpointing, the host memory it takes) is checked against its config, before its weights are
+read."""
+import os
+
 import torch
 import transformers
 
 from args import layout_error
+from devices import available_host_bytes
 from errors import RunError
 from plugins import PLUGINS, able
 from resolution import set_resolution, size_error
+
+# host memory a parameter takes while training, per node: with offload, its fp32 weight, Adam's two states and its
+# 16-bit weight and gradient (16 bytes; a 6.48B ViT with OFFLOAD=all took 98 GiB: benchmarks/results, largest
+# model); otherwise each process reads its fp32 weights on the host before moving them to the GPU (4 bytes)
+HOST_BYTES_OFFLOADED, HOST_BYTES_LOADED = 16, 4
 
 # the image classifiers Colossal-AI 0.5.0's ShardFormer has a policy for (colossalai/shardformer/policies/
 # auto_policy.py), which hybrid_parallel needs to build the model at all
@@ -46,16 +54,36 @@ def model_error(config, model_class, settings, image_size, grad_checkpoint, mode
     return None
 
 
+def host_memory_error(parameters, settings, processes_on_node, available, model_name):
+    """Why training `parameters` as `settings` say cannot fit the `available` bytes of host memory, or None."""
+    offloaded = settings.offload != "none" and not settings.lora_rank  # LoRA's frozen weights have no Adam states
+    needed = parameters * (HOST_BYTES_OFFLOADED if offloaded else HOST_BYTES_LOADED * processes_on_node)
+    if needed <= available:
+        return None
+    each = f" in each of {processes_on_node} processes" if processes_on_node > 1 else ""
+    how = (f"{HOST_BYTES_OFFLOADED} bytes a parameter with --offload {settings.offload}: fp32 weights, Adam's states, "
+           "16-bit weights and gradients" if offloaded else
+           f"{HOST_BYTES_LOADED} bytes a parameter{each}, reading the fp32 weights")
+    return (f"{model_name} has {parameters / 1e9:.1f}B parameters, and training it needs at least "
+            f"{needed / 2**30:.0f} GiB of host memory ({how}), more than the {available / 2**30:.1f} GiB this "
+            "machine has available; train it on a machine with more memory, or a smaller model")
+
+
 def load_model(model_name, names, settings, image_size=None, grad_checkpoint=False):
     """The image processor, and the model with a new classification head for `names`, trained as `settings`
     (plugins.PluginSettings) say, at `image_size` pixels a side if given (resolution.py), recomputing activations
     in the backward pass if `grad_checkpoint`."""
+    from transformers.modeling_utils import no_init_weights  # after startup.import_libraries
     try:
         config = transformers.AutoConfig.from_pretrained(model_name, num_labels=len(names),
                                                          id2label=dict(enumerate(names)),
                                                          label2id={name: i for i, name in enumerate(names)})
         model_class = classifier_class(config, model_name)
-        if error := model_error(config, model_class, settings, image_size, grad_checkpoint, model_name):
+        with torch.device("meta"), no_init_weights():  # its size, without memory, weights or their initialisation
+            parameters = sum(parameter.numel() for parameter in model_class(config).parameters())
+        processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if error := (model_error(config, model_class, settings, image_size, grad_checkpoint, model_name) or
+                     host_memory_error(parameters, settings, processes_on_node, available_host_bytes(), model_name)):
             raise RunError(error)
         image_processor = transformers.AutoImageProcessor.from_pretrained(model_name, use_fast=True)
         model = model_class.from_pretrained(model_name, config=config, ignore_mismatched_sizes=True)

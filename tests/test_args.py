@@ -226,3 +226,19 @@ def test_lora_settings_without_lora_or_on_a_plugin_without_it_are_refused(capsys
         "--lora_rank 8 needs --plugin torch_ddp or torch_ddp_fp16 or low_level_zero or hybrid_parallel (Colossal-AI "
         "0.5.0 trains LoRA adapters with those, without tensor parallelism); got --plugin gemini")
     assert settings_error(split, on_gpu=True).endswith("got --plugin hybrid_parallel --tp_size 2")
+
+
+def test_the_host_memory_a_run_needs_is_checked_against_what_is_available():
+    from models import host_memory_error
+    offloaded = PluginSettings("gemini", "fp16", offload="all")
+    gib = 2**30
+    assert host_memory_error(6.48e9, offloaded, 1, 125 * gib, "m") is None  # the largest-model benchmark's run
+    assert host_memory_error(6.48e9, offloaded, 1, 90 * gib, "m") == (
+        "m has 6.5B parameters, and training it needs at least 97 GiB of host memory (16 bytes a parameter with "
+        "--offload all: fp32 weights, Adam's states, 16-bit weights and gradients), more than the 90.0 GiB this "
+        "machine has available; train it on a machine with more memory, or a smaller model")
+    assert host_memory_error(6.48e9, PluginSettings("torch_ddp", "bf16"), 4, 90 * gib, "m").startswith(
+        "m has 6.5B parameters, and training it needs at least 97 GiB of host memory (4 bytes a parameter in each "
+        "of 4 processes, reading the fp32 weights)")
+    lora = PluginSettings("low_level_zero", "fp16", offload="optimizer", lora_rank=16)  # frozen: no Adam states
+    assert host_memory_error(6.48e9, lora, 1, 90 * gib, "m") is None

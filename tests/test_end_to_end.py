@@ -1,6 +1,7 @@
 """End to end through run_finetuning.sh on the CPU: 2 torch_ddp processes, real beans, pretrained DeiT-tiny."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -310,6 +311,21 @@ def test_lora_on_layers_the_model_does_not_have_names_those_it_has(tmp_path):
     assert run.stderr.strip().splitlines()[-1] == (
         "error: --lora_target_modules qkv names no layer of ViTForImageClassification; name some of its linear "
         "layers: dense, key, query, value")
+
+
+def test_a_model_larger_than_the_host_is_refused_before_its_weights_are_read(tmp_path):
+    """A 51.6B-parameter ViT's config alone, without weights: its fp32 weights would take 192 GiB of host memory."""
+    from transformers import AutoImageProcessor, ViTConfig
+    model = tmp_path / "vit-51b"
+    ViTConfig(hidden_size=8192, num_hidden_layers=64, num_attention_heads=64, intermediate_size=32768).save_pretrained(
+        model)
+    AutoImageProcessor.from_pretrained(MODEL_DIR).save_pretrained(model)
+    run = run_demo(BEANS_DIR, tmp_path / "model", "--model_name_or_path", str(model))
+    assert run.returncode == 1 and "Traceback" not in run.stderr and "\ndata:" not in run.stdout
+    assert re.fullmatch(
+        rf"error: {model} has 51.6B parameters, and training it needs at least 192 GiB of host memory \(4 bytes a "
+        r"parameter, reading the fp32 weights\), more than the [\d.]+ GiB this machine has available; train it on a "
+        r"machine with more memory, or a smaller model", run.stderr.strip().splitlines()[-1])
 
 
 def test_a_checkpoint_without_a_classification_head_gets_one(tmp_path):
