@@ -11,6 +11,8 @@
 # and cached, beside the same plugin's synthetic-batch rate and the Hugging Face recipe on the same folder, with the
 # example's loader workers and image processor and at its own defaults; and the streamed run's saved model served
 # through `pipeline` against the example's own input path, benchmarks/serving_agreement.py).
+# modes: full fine-tuning beside IMAGE_SIZE=384, LORA_RANK=16 and GRAD_ACCUM=4 at BS=8, over 3 seeds (MODES_SEEDS):
+# images/s, trained parameters and accuracy, into LOG_DIR/modes.json.
 # largest (about 35 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT from g/14 to
 # 8B/14 (step_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin without
 # and with offload), then the offloading ones at ViT-G/14.
@@ -28,8 +30,8 @@ REPEATS=${REPEATS:-3}  # end_to_end: runs of the recipe and of each plugin, in t
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
 case "$PART" in
-  end_to_end | steps | both | autotune | streaming | largest) ;;
-  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming or largest" >&2; exit 2 ;;
+  end_to_end | steps | both | autotune | streaming | modes | largest) ;;
+  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes or largest" >&2; exit 2 ;;
 esac
 # the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
 BUILD_KERNELS="from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
@@ -244,6 +246,47 @@ for name, row in rows.items():
           f"{row['peak_host_gib']:.2f} | {row['peak_gpu_gib'] or 0:.2f} | {row['validation_accuracy']:.4f} |")
 json.dump({"synthetic_images_per_second": synthetic_rate, "runs": rows}, open(f"{log_dir}/streaming.json", "w"),
           indent=2)
+PY
+fi
+if [ "$PART" = modes ]; then
+  # the fine-tuning modes beside full fine-tuning at the checkpoint's resolution, each through run_finetuning.sh
+  # with MODEL on DATASET (torch_ddp, 5 epochs, MODES_SEEDS seeds): another resolution, LoRA, gradient accumulation
+  for seed in ${MODES_SEEDS:-42 43 44}; do
+    for mode in "full" "image_size_384 IMAGE_SIZE=384" "lora_16 LORA_RANK=16 LR=1e-3" \
+      "accumulated_4x8 BS=8 GRAD_ACCUM=4"; do
+      read -r name settings <<<"$mode"
+      wall=$(seconds_of env PLUGIN=torch_ddp GPUNUM=1 KEEP_CHECKPOINTS=0 SEED="$seed" $settings \
+        OUTPUT_PATH="$RUN_ROOT/mode_${name}_$seed" bash run_finetuning.sh)
+      echo "$name, seed $seed: $wall s"
+      echo "$name $seed $wall ${settings:--}" >>"$RUN_ROOT/mode_walls"
+    done
+  done
+python3 - "$RUN_ROOT" "$LOG_DIR/modes.json" <<'PY'
+import json
+import statistics
+import sys
+
+run_root, summary_path = sys.argv[1:]
+modes = {}
+for line in open(f"{run_root}/mode_walls"):
+    name, seed, wall, settings = line.split(maxsplit=3)
+    results = json.load(open(f"{run_root}/mode_{name}_{seed}/results.json"))
+    modes.setdefault(name, {"settings": settings.strip(), "runs": []})["runs"].append({
+        "seed": int(seed), "wall_seconds": float(wall), "images_per_second": results["train_images_per_second"],
+        "validation_accuracy": results["epochs"][-1]["validation"]["accuracy"],
+        "test_accuracy": results["test"]["accuracy"], "trained_parameters": results["config"]["num_trained_parameters"],
+        "peak_gpu_gib": results["memory"]["peak_gpu_gib"] or 0.0})
+print("| mode | settings | seeds | trained parameters | images/s | peak GPU GiB | validation accuracy | "
+      "test accuracy |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for name, mode in modes.items():
+    runs = mode["runs"]
+    mean = {key: statistics.mean(run[key] for run in runs)
+            for key in ("images_per_second", "peak_gpu_gib", "validation_accuracy", "test_accuracy")}
+    print(f"| {name} | {mode['settings']} | {len(runs)} | {runs[0]['trained_parameters']} | "
+          f"{mean['images_per_second']:.0f} | {mean['peak_gpu_gib']:.2f} | {mean['validation_accuracy']:.4f} | "
+          f"{mean['test_accuracy']:.4f} |")
+json.dump(modes, open(summary_path, "w"), indent=2)
 PY
 fi
 if [ "$PART" = largest ]; then
