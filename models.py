@@ -73,13 +73,13 @@ def load_model(model_name, names, settings, image_size=None, grad_checkpoint=Fal
     """The image processor, and the model with a new classification head for `names`, trained as `settings`
     (plugins.PluginSettings) say, at `image_size` pixels a side if given (resolution.py), recomputing activations
     in the backward pass if `grad_checkpoint`."""
-    from transformers.modeling_utils import no_init_weights  # after startup.import_libraries
+    from transformers.modeling_utils import init_empty_weights, no_init_weights  # after startup.import_libraries
     try:
         config = transformers.AutoConfig.from_pretrained(model_name, num_labels=len(names),
                                                          id2label=dict(enumerate(names)),
                                                          label2id={name: i for i, name in enumerate(names)})
         model_class = classifier_class(config, model_name)
-        with torch.device("meta"), no_init_weights():  # its size, without memory, weights or their initialisation
+        with init_empty_weights(), no_init_weights():  # its size: parameters on the meta device, uninitialised
             parameters = sum(parameter.numel() for parameter in model_class(config).parameters())
         processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if error := (model_error(config, model_class, settings, image_size, grad_checkpoint, model_name) or

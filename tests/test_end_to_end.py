@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import pipeline
+from transformers.image_utils import load_image
 
 from conftest import BEANS_DIR, LABELS, MODEL_DIR, ROOT, copy_beans, example_env, write_hub_snapshot
 from data import load_splits
@@ -245,6 +246,14 @@ def test_each_model_family_trains_and_is_served_as_measured(tmp_path, family, mo
     assert run.stdout.startswith(f"fine-tuning {model} ({model_class}, ")
     check_schema(results, num_epoch=1, num_validation=12, num_test=12)
     assert json.loads((tmp_path / "model" / "config.json").read_text())["architectures"] == [model_class]
+    # served as measured: the saved image processor makes of each file (as pipeline and predict.py do) the input
+    # training evaluated, and predict.py labels the images as training's evaluation did
+    from test_data import to_tensors
+    from transformers import AutoImageProcessor
+    saved = AutoImageProcessor.from_pretrained(tmp_path / "model")
+    split = load_splits(str(dataset))["validation"]
+    served = saved([load_image(cell["path"]) for cell in split["image"]], return_tensors="pt")["pixel_values"]
+    assert (to_tensors(split, saved)[0] - served).abs().max() < 1e-5
     assert predicted_confusion(tmp_path / "model", dataset / "validation") == \
         results["epochs"][-1]["validation"]["confusion_matrix"]
 
