@@ -44,3 +44,20 @@ def test_the_streaming_table_is_its_raw_data():
         assert cells[1:4] == [str(run["train_images"]), str(run["epochs"]), f"{run['images_per_second']:.0f}"]
         assert cells[-3:] == [f"{run['peak_host_gib']:.2f}", f"{run['peak_gpu_gib']:.2f}",
                               f"{run['validation_accuracy']:.4f}"]
+
+
+def test_the_modes_table_is_its_raw_data():
+    """Each row of the report's fine-tuning modes table holds the means over seeds that modes.json keeps."""
+    import json
+    import statistics
+    modes = json.loads((REPORT.parent / "modes.json").read_text())
+    section = REPORT.read_text().split("## Fine-tuning modes\n")[1].split("\n## ")[0]
+    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in section.splitlines()
+                                          if line.startswith("| ") and not line.startswith(("| mode", "| ---")))}
+    assert sorted(rows) == sorted(modes)
+    for name, mode in modes.items():
+        runs = mode["runs"]
+        mean = {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
+        assert rows[name][1:] == [mode["settings"], str(len(runs)), str(runs[0]["trained_parameters"]),
+                                  f"{mean['images_per_second']:.0f}", f"{mean['peak_gpu_gib']:.2f}",
+                                  f"{mean['validation_accuracy']:.4f}", f"{mean['test_accuracy']:.4f}"]
