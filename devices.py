@@ -39,6 +39,11 @@ def init_distributed(seed, max_gpu_memory_gib=None, verbose=False):
     return device
 
 
+def processes_on_node():
+    """How many of the job's processes share this machine (the launcher's LOCAL_WORLD_SIZE; 1 without one)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def available_host_bytes():
     """Host memory that new allocations can take without swapping (the kernel's MemAvailable)."""
     with open("/proc/meminfo") as meminfo:

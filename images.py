@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data import labels_of
-from devices import available_host_bytes
+from devices import available_host_bytes, processes_on_node
 from errors import RunError
 
 
@@ -267,12 +267,12 @@ def cache_budget(device, budget_gib=None, gpu_cap_gib=None):
         if gpu_cap_gib:
             free = min(free, int(gpu_cap_gib * 2**30) - torch.cuda.memory_reserved(device))
         return max(free, 0) // 4
-    return available_host_bytes() // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return available_host_bytes() // 4 // processes_on_node()
 
 
 def default_num_workers():
     """This process's share of the node's CPU cores, but one that the training loop keeps."""
-    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) // processes_on_node()
     return max(1, cores - 1)
 
 

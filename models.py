@@ -3,13 +3,11 @@ Swin, ConvNeXt, SigLIP's vision tower, ...), with a new head for the dataset's l
 LoRA adapters. What a run asks of the model (a plugin that must shard it, a tensor or pipeline layout, another
 resolution, gradient checkpointing, the host memory it takes) is checked against its config, before its weights are
 read."""
-import os
-
 import torch
 import transformers
 
 from args import layout_error
-from devices import available_host_bytes
+from devices import available_host_bytes, processes_on_node
 from errors import RunError
 from plugins import PLUGINS, able
 from resolution import set_resolution, size_error
@@ -54,13 +52,13 @@ def model_error(config, model_class, settings, image_size, grad_checkpoint, mode
     return None
 
 
-def host_memory_error(parameters, settings, processes_on_node, available, model_name):
+def host_memory_error(parameters, settings, processes, available, model_name):
     """Why training `parameters` as `settings` say cannot fit the `available` bytes of host memory, or None."""
     offloaded = settings.offload != "none" and not settings.lora_rank  # LoRA's frozen weights have no Adam states
-    needed = parameters * (HOST_BYTES_OFFLOADED if offloaded else HOST_BYTES_LOADED * processes_on_node)
+    needed = parameters * (HOST_BYTES_OFFLOADED if offloaded else HOST_BYTES_LOADED * processes)
     if needed <= available:
         return None
-    each = f" in each of {processes_on_node} processes" if processes_on_node > 1 else ""
+    each = f" in each of {processes} processes" if processes > 1 else ""
     how = (f"{HOST_BYTES_OFFLOADED} bytes a parameter with --offload {settings.offload}: fp32 weights, Adam's states, "
            "16-bit weights and gradients" if offloaded else
            f"{HOST_BYTES_LOADED} bytes a parameter{each}, reading the fp32 weights")
@@ -81,9 +79,9 @@ def load_model(model_name, names, settings, image_size=None, grad_checkpoint=Fal
         model_class = classifier_class(config, model_name)
         with init_empty_weights(), no_init_weights():  # its size: parameters on the meta device, uninitialised
             parameters = sum(parameter.numel() for parameter in model_class(config).parameters())
-        processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if error := (model_error(config, model_class, settings, image_size, grad_checkpoint, model_name) or
-                     host_memory_error(parameters, settings, processes_on_node, available_host_bytes(), model_name)):
+                     host_memory_error(parameters, settings, processes_on_node(), available_host_bytes(),
+                                       model_name)):
             raise RunError(error)
         image_processor = transformers.AutoImageProcessor.from_pretrained(model_name, use_fast=True)
         model = model_class.from_pretrained(model_name, config=config, ignore_mismatched_sizes=True)
