@@ -97,6 +97,36 @@ def test_lora_trains_on_each_plugin_that_has_it_and_is_served_merged(tmp_path, p
     check_pipeline_classifies_test_split(output_path, results, device=0)
 
 
+def pretrained_shaped(family, destination):
+    """DINOv2-small or Swin-tiny as the hub has them (facebook/dinov2-small's and microsoft/swin-tiny-patch4-window7-
+    224's configs and image processors), with random weights: the hub cannot be reached from the test machines."""
+    import transformers as hf
+    imagenet = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}
+    config, image_processor = {
+        "dinov2": (hf.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
+                                   image_size=518),
+                   hf.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                        **imagenet)),
+        "swin": (hf.SwinConfig(), hf.ViTImageProcessor(size={"height": 224, "width": 224}, **imagenet)),
+    }[family]
+    hf.AutoModelForImageClassification.from_config(config).save_pretrained(destination)
+    image_processor.save_pretrained(destination)
+    return destination
+
+
+@pytest.mark.parametrize("plugin", ["low_level_zero", "gemini"])
+@pytest.mark.parametrize("family, model_class", [("dinov2", "Dinov2ForImageClassification"),
+                                                 ("swin", "SwinForImageClassification")])
+def test_pretrained_shaped_dinov2_and_swin_train_and_are_served_as_measured(tmp_path, family, model_class, plugin):
+    model = pretrained_shaped(family, tmp_path / family)
+    run, results = run_finetuning(tmp_path / "model", gpu=True, PLUGIN=plugin, GPUNUM=1, MODEL=model,
+                                  DATASET=BEANS_DIR, EPOCH=5)
+    assert run.stdout.startswith(f"fine-tuning {model} ({model_class}, ")
+    check_schema(results, num_epoch=5)
+    assert results["epochs"][-1]["train_loss"] < results["epochs"][0]["train_loss"]
+    check_pipeline_classifies_test_split(tmp_path / "model", results, device=0)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_pipeline_trains_on_after_evaluating_a_short_last_batch(tmp_path):
     """Two pipeline stages, 36 images a split at batch 32: each evaluation ends in a batch of 4, after which
