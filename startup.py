@@ -16,6 +16,9 @@ LIBRARY_NOISE = ("Please install the latest tensornvme", "Please install apex fr
 # loggers that warn about such extras: bitsandbytes' 4-bit CPU kernels from the `kernels` hub (on CPUs with
 # AVX512-BF16, as it loads)
 NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# Colossal-AI's advice that the example already follows, said by its logger as a line naming the call, then the
+# advice: low_level_zero's enable_lora asks to check the learning rate, as the user does for any run
+ADVICE_FOLLOWED = ("enable_lora", "You have enabled LoRa training")
 # loggers that say an error before raising it, which the example then says in its one line: datasets' parquet
 # loader on a shard it cannot read (data.py names the shard, with the reason)
 ERRORS_SAID_TWICE = ("datasets.packaged_modules.parquet.parquet",)
@@ -26,6 +29,8 @@ def hide_library_noise():
         warnings.filterwarnings("ignore", message=message)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("colossalai").addFilter(
+        lambda record: not any(advice in record.getMessage() for advice in ADVICE_FOLLOWED))
     for name in ERRORS_SAID_TWICE:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 

@@ -90,8 +90,9 @@ def test_accumulated_batches_train_as_one_batch_of_their_size(tmp_path, plugin):
 @pytest.mark.parametrize("plugin", ["torch_ddp", "low_level_zero", "hybrid_parallel"])
 def test_lora_trains_on_each_plugin_that_has_it_and_is_served_merged(tmp_path, plugin):
     output_path = tmp_path / "model"
-    _, results = run_finetuning(output_path, gpu=True, PLUGIN=plugin, GPUNUM=1, DATASET=BEANS_DIR, LORA_RANK=16,
-                                LR=1e-3, EPOCH=5)
+    run, results = run_finetuning(output_path, gpu=True, PLUGIN=plugin, GPUNUM=1, DATASET=BEANS_DIR, LORA_RANK=16,
+                                  LR=1e-3, EPOCH=5)
+    assert "You have enabled LoRa training" not in run.stdout + run.stderr  # low_level_zero's advice, hidden
     assert results["config"]["num_trained_parameters"] < results["config"]["num_parameters"] / 10
     assert results["epochs"][-1]["validation"]["accuracy"] > 0.6  # it learned: chance is 1/3
     check_pipeline_classifies_test_split(output_path, results, device=0)
