@@ -155,6 +155,27 @@ def test_a_memory_cap_holds_and_running_out_under_it_is_one_line(tmp_path):
         "--grad_checkpoint, a smaller --batch_size or a higher cap")
 
 
+def test_streamed_gpu_memory_is_the_same_on_a_dataset_fifty_times_larger(tmp_path):
+    """Beans' 1034 training images against 51,700 (each 50 times under other names, links to the same files),
+    streamed: the GPU holds the batches in flight, never the dataset."""
+    large = tmp_path / "large"
+    large.mkdir()
+    for split in ("validation", "test"):
+        os.symlink(BEANS_DIR / split, large / split)
+    for image in BEANS_DIR.glob("train/*/*.jpg"):
+        (large / "train" / image.parent.name).mkdir(parents=True, exist_ok=True)
+        for copy in range(50):
+            os.symlink(image, large / "train" / image.parent.name / f"{copy}_{image.name}")
+    peaks = {}
+    for name, dataset in (("beans", BEANS_DIR), ("large", large)):
+        _, results = run_finetuning(tmp_path / name, gpu=True, PLUGIN="torch_ddp", GPUNUM=1, DATASET=dataset, BS=128,
+                                    EPOCH=1, DATA_MODE="stream", KEEP_CHECKPOINTS=0)
+        assert results["data"]["mode"] == "stream"
+        assert results["data"]["num_examples"]["train"] == {"beans": 1034, "large": 51700}[name]
+        peaks[name] = results["memory"]["peak_gpu_gib"]
+    assert peaks["large"] == pytest.approx(peaks["beans"], rel=0.02), peaks
+
+
 def test_gpu_batches_hold_the_pixels_the_workers_make(tmp_path):
     """Cached on the GPU and streamed to it, batches of images of several sizes hold exactly the pixels that the
     loader workers make (and the CPU path keeps)."""
