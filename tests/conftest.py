@@ -77,6 +77,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where there is none")
 
 
+# the tests that take longest where many run at once (bash test_ci.sh -n 14 on the 16-core GPU machine): started
+# first, so that the run does not end waiting on one of them started last
+LONGEST = ("test_two_nodes_train_the_same_model_as_one_node_with_two_processes",
+           "test_streamed_run_holds_no_more_memory_on_a_dataset_eight_times_larger")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.name not in LONGEST)
+
+
 # sizes of photos as users have them: the hub's beans originals (500x500), landscape and portrait
 FULL_SIZES = [(500, 500), (640, 480), (375, 500)]
 
