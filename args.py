@@ -145,6 +145,10 @@ def build_parser():
     parser.add_argument("--lora_target_modules", default=None,
                         help="LoRA: comma-separated names of the linear layers that get adapters (default: attention's "
                         "query and value projections, as in PEFT's image-classification guide)")
+    parser.add_argument("--lora_quantize", action=argparse.BooleanOptionalAction, default=False,
+                        help="QLoRA: hold the frozen weights in 4 bits (bitsandbytes' NF4 with double quantization "
+                        "and bf16 compute, Colossal-AI's default), the adapters and head in full precision; with "
+                        "--lora_rank on a CUDA GPU")
     parser.add_argument("--grad_checkpoint", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in the backward pass to save memory")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
@@ -198,6 +202,12 @@ def parse_demo_args(argv=None):
         if not args.lora_rank and value is not None:
             parser.error(f"{flag} {value} is for LoRA adapters and there are none; add --lora_rank (e.g. 16), or "
                          f"drop {flag}")
+    if args.lora_quantize and not args.lora_rank:
+        parser.error("--lora_quantize holds the weights under LoRA adapters in 4 bits and there are none; add "
+                     "--lora_rank (e.g. 16), or drop --lora_quantize")
+    if args.lora_quantize and not on_gpu:
+        parser.error("--lora_quantize needs a CUDA GPU (Colossal-AI quantizes the weights on one) and none is "
+                     "available; drop it on the CPU")
     if error := settings_error(plugin_settings(args), on_gpu):
         parser.error(error)
     if args.max_gpu_memory_gib is not None and not on_gpu:
@@ -216,7 +226,8 @@ def parse_demo_args(argv=None):
 def plugin_settings(args):
     """What the flags ask of the plugin."""
     return PluginSettings(args.plugin, args.precision, args.offload, args.offload_fraction, args.tp_size, args.pp_size,
-                          args.microbatch_size, args.gradient_accumulation_steps, args.lora_rank)
+                          args.microbatch_size, args.gradient_accumulation_steps, args.lora_rank,
+                          args.lora_quantize)
 
 
 def layout_error(config, tp_size, pp_size, model_name):

@@ -124,9 +124,9 @@ def resolve_resume(resume_from, output_path):
     return resume_from
 
 
-def load_checkpoint(boosted, checkpoint, plugin):
-    """Restores `boosted` (plugins.Boosted, trained with `plugin`) and this process's RNG states; returns the
-    TrainingState."""
+def load_checkpoint(boosted, checkpoint, plugin, quantized=False):
+    """Restores `boosted` (plugins.Boosted, trained with `plugin`, its frozen weights in 4 bits if `quantized`) and
+    this process's RNG states; returns the TrainingState."""
     state_file = os.path.join(checkpoint, f"state_rank{dist.get_rank()}.pt")
     if not os.path.isfile(state_file):
         raise RunError(f"{checkpoint} was written by another number of processes (no {os.path.basename(state_file)}); "
@@ -145,7 +145,9 @@ def load_checkpoint(boosted, checkpoint, plugin):
     if missing:
         raise RunError(f"{checkpoint} was written by another version of this example (its progress has no "
                        f"{', '.join(missing)}); resume it with that version, or start afresh in another output path")
-    boosted.booster.load_model(boosted.model, os.path.join(checkpoint, "model"))
+    # 4-bit weights are saved with their quantization statistics, which PyTorch's loading does not take: the
+    # model quantized again at start-up from the same weights already holds the same ones
+    boosted.booster.load_model(boosted.model, os.path.join(checkpoint, "model"), strict=not quantized)
     restore_optimizer(boosted.booster, boosted.optimizer, os.path.join(checkpoint, "optimizer"), plugin)
     if state.get("master_weights") is not None:  # over the ones rebuilt from the 16-bit model: resume is exact
         with torch.no_grad():

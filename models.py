@@ -101,15 +101,16 @@ def load_model(model_name, names, settings, image_size=None, grad_checkpoint=Fal
     return image_processor, model
 
 
-def with_lora(model, booster, rank, alpha, dropout, target_modules):
+def with_lora(model, booster, rank, alpha, dropout, target_modules, quantize=False):
     """`model` with LoRA adapters of `rank` on the linear layers named in `target_modules` (comma-separated) and
-    its classification head trained in full, through Colossal-AI's booster.enable_lora (PEFT underneath)."""
+    its classification head trained in full, through Colossal-AI's booster.enable_lora (PEFT underneath); with
+    `quantize`, its other linear layers held in 4 bits (QLoRA: Colossal-AI's bitsandbytes NF4 default)."""
     from peft import LoraConfig
     targets = [name.strip() for name in target_modules.split(",") if name.strip()]
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=targets,
                         modules_to_save=["classifier"])
     try:
-        return booster.enable_lora(model, lora_config=config)
+        return booster.enable_lora(model, lora_config=config, quantize=quantize)
     except ValueError as error:
         if "not found in the base model" not in str(error):
             raise
@@ -122,4 +123,40 @@ def with_lora(model, booster, rank, alpha, dropout, target_modules):
 def save_merged(boosted_model, output_path):
     """Saves the LoRA-trained `boosted_model` as a plain model, its adapters merged into the weights, which
     transformers and predict.py load as they are (on one rank, after the adapters are saved: merging ends them)."""
-    boosted_model.unwrap(unwrap_peft=False).merge_and_unload().save_pretrained(output_path, safe_serialization=True)
+    peft_model = boosted_model.unwrap(unwrap_peft=False)
+    if getattr(peft_model.base_model.model, "is_loaded_in_4bit", False):
+        dequantize_merged(peft_model)
+    peft_model.merge_and_unload().save_pretrained(output_path, safe_serialization=True)
+
+
+def dequantize_merged(peft_model):
+    """Turns QLoRA's 4-bit linear layers back into full-precision ones, in place: each weight as bitsandbytes
+    dequantizes it in the forward pass, the adapters added to the layers they adapt in full precision (PEFT's own
+    merge would quantize the sum again)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    model = peft_model.base_model.model
+
+    def replace(name, base, weight):
+        linear = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                                 device=weight.device)
+        linear.weight.data = weight.float()
+        if base.bias is not None:
+            linear.bias.data = base.bias.data.float()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+
+    def dequantized(layer):
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+
+    adapted = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), bnb.nn.Linear4bit)]
+    for name, module in adapted:
+        base = module.get_base_layer()
+        weight = dequantized(base) + sum(module.get_delta_weight(adapter).float() for adapter in module.active_adapters)
+        replace(name, base, weight)
+    for name, module in [(name, module) for name, module in model.named_modules()
+                         if isinstance(module, bnb.nn.Linear4bit)]:
+        replace(name, module, dequantized(module))
+    model.is_loaded_in_4bit = False

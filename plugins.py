@@ -35,6 +35,7 @@ class PluginSettings:
     microbatch_size: int | None = None
     gradient_accumulation_steps: int = 1
     lora_rank: int = 0
+    lora_quantize: bool = False
 
 
 def build_torch_ddp(settings):  # gradients kept in DDP's buckets, not copied out each step
@@ -82,6 +83,8 @@ class Plugin:
     model_parallel: bool = False  # tensor and pipeline parallel (--tp_size, --pp_size)
     on_cpu: bool = False  # trains without a GPU
     lora: bool = False  # trains LoRA adapters (Colossal-AI's booster.enable_lora; not with tensor parallelism)
+    # trains them over 4-bit weights (QLoRA), which the plugins that cast the model to their precision would unpack
+    qlora: bool = False
     autocast: bool = False  # trains in 16 bits through torch.autocast (bf16) or torch AMP (fp16), not by itself
     colossalai_adam_only: bool = False  # takes only Colossal-AI's own Adam kernels
     variant_of: str | None = None  # the plugin it is, in its one precision
@@ -94,7 +97,8 @@ class Plugin:
 
 
 PLUGINS = {
-    "torch_ddp": Plugin(build_torch_ddp, on_cpu=True, lora=True, autocast=True, step_counts_restored_on_host=True),
+    "torch_ddp": Plugin(build_torch_ddp, on_cpu=True, lora=True, qlora=True, autocast=True,
+                        step_counts_restored_on_host=True),
     "torch_ddp_fp16": Plugin(build_torch_ddp, precisions=("fp16",), lora=True, autocast=True, variant_of="torch_ddp",
                              step_counts_restored_on_host=True),
     "low_level_zero": Plugin(build_low_level_zero, offloads=("none", "optimizer"), lora=True,
@@ -132,6 +136,9 @@ def settings_error(settings, on_gpu):
         return (f"--lora_rank {settings.lora_rank} needs --plugin {able(lambda plugin: plugin.lora)} (Colossal-AI "
                 f"0.5.0 trains LoRA adapters with those, without tensor parallelism); got --plugin {name}" +
                 (f" --tp_size {settings.tp_size}" if settings.tp_size > 1 else ""))
+    if settings.lora_quantize and not plugin.qlora:
+        return (f"--lora_quantize needs --plugin {able(lambda plugin: plugin.qlora)} (the others cast the model to "
+                f"their training precision, which would unpack its 4-bit weights); got --plugin {name}")
     if settings.offload_fraction != 1 and (not plugin.offload_fraction or settings.offload == "none"):
         splitting = able(lambda plugin: plugin.offload_fraction)
         return (f"--offload_fraction {settings.offload_fraction:g} splits what {splitting} offloads; it needs "

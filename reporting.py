@@ -70,7 +70,8 @@ def describe_run(model_name, model_class, dataset, splits, parameters, device, s
                if settings.offload != "none" else "")
     accumulation = settings.gradient_accumulation_steps
     accumulating = f", {accumulation} batches a step" if accumulation > 1 else ""
-    lora = f", LoRA adapters of rank {settings.lora_rank}" if settings.lora_rank else ""
+    lora = (f", LoRA adapters of rank {settings.lora_rank}{' over 4-bit weights' * settings.lora_quantize}"
+            if settings.lora_rank else "")
     return (f"fine-tuning {model_name} ({model_class}, {parameters / 1e6:.1f}M parameters) on {dataset} ({sizes} images) with "
             f"{settings.plugin} in {settings.precision}{offload}, {processes} process{'es' * (processes > 1)} on "
             f"{device.type}{layout}{accumulating}{lora}; saving to {output_path}")

@@ -35,6 +35,7 @@ OFFLOAD=${OFFLOAD:-none}                     # model larger than the GPU: optimi
                                              # hybrid_parallel) or all (gemini) to host memory (docs/big-models.md)
 OFFLOAD_FRACTION=${OFFLOAD_FRACTION:-1}      # gemini: the share of it on the host (lower is faster while it fits)
 LORA_RANK=${LORA_RANK:-0}                    # LoRA adapters of this rank instead of full fine-tuning (0: none)
+LORA_QUANTIZE=${LORA_QUANTIZE:-0}            # 1: QLoRA, the frozen weights in 4 bits (torch_ddp on a GPU)
 GRAD_CHECKPOINT=${GRAD_CHECKPOINT:-0}        # 1: recompute activations in the backward pass (less memory)
 RESUME=${RESUME:-}                           # 'latest' or a checkpoint folder to continue from
 LAUNCHER=${LAUNCHER:-auto}                   # colossalai (colossalai run), torchrun, python (one process only), or
@@ -81,6 +82,7 @@ demo=(vit_train_demo.py
   --offload "$OFFLOAD"
   --offload_fraction "$OFFLOAD_FRACTION"
   --lora_rank "$LORA_RANK"
+  $([ "$LORA_QUANTIZE" = 1 ] && echo --lora_quantize || echo --no-lora_quantize)
   $([ "$GRAD_CHECKPOINT" = 1 ] && echo --grad_checkpoint || echo --no-grad_checkpoint)
   $([ "$VERBOSE" = 1 ] && echo --verbose || echo --no-verbose)
   "$@")

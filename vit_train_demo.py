@@ -160,7 +160,7 @@ def main():
         plugin, booster = build_booster(model, settings, device)
         if args.lora_rank:
             model = with_lora(model, booster, args.lora_rank, args.lora_alpha, args.lora_dropout,
-                              args.lora_target_modules or "query,value")
+                              args.lora_target_modules or "query,value", args.lora_quantize)
         trained_parameters = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
         topology = Topology(plugin)
         accumulation = args.gradient_accumulation_steps
@@ -191,7 +191,7 @@ def main():
         # Resume from a checkpoint, if asked and there is one
         state = checkpoint.TrainingState()
         if resume_from:
-            state = checkpoint.load_checkpoint(boosted, resume_from, args.plugin)
+            state = checkpoint.load_checkpoint(boosted, resume_from, args.plugin, args.lora_quantize)
             if is_first_rank:
                 print(f"resuming from {resume_from}: epoch {state.epoch + 1}, step {state.step_in_epoch} "
                       f"of {steps_per_epoch}")

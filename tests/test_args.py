@@ -228,6 +228,20 @@ def test_lora_settings_without_lora_or_on_a_plugin_without_it_are_refused(capsys
     assert settings_error(split, on_gpu=True).endswith("got --plugin hybrid_parallel --tp_size 2")
 
 
+def test_qlora_without_lora_off_a_gpu_or_on_a_plugin_that_casts_the_model_is_refused(capsys):
+    assert parse_error(capsys, ["--plugin", "torch_ddp", "--lora_quantize"]) == (
+        "error: --lora_quantize holds the weights under LoRA adapters in 4 bits and there are none; add --lora_rank "
+        "(e.g. 16), or drop --lora_quantize (see --help)")
+    if not torch.cuda.is_available():
+        assert parse_error(capsys, ["--plugin", "torch_ddp", "--lora_rank", "8", "--lora_quantize"]) == (
+            "error: --lora_quantize needs a CUDA GPU (Colossal-AI quantizes the weights on one) and none is "
+            "available; drop it on the CPU (see --help)")
+    zero = PluginSettings("low_level_zero", "bf16", lora_rank=8, lora_quantize=True)
+    assert settings_error(zero, on_gpu=True) == (
+        "--lora_quantize needs --plugin torch_ddp (the others cast the model to their training precision, which "
+        "would unpack its 4-bit weights); got --plugin low_level_zero")
+
+
 def test_the_host_memory_a_run_needs_is_checked_against_what_is_available():
     from models import host_memory_error
     offloaded = PluginSettings("gemini", "fp16", offload="all")

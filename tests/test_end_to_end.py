@@ -1,4 +1,5 @@
 """End to end through run_finetuning.sh on the CPU: 2 torch_ddp processes, real beans, pretrained DeiT-tiny."""
+import copy
 import json
 import os
 import re
@@ -277,6 +278,44 @@ def test_lora_trains_adapters_and_saves_a_merged_model_served_as_measured(tmp_pa
     assert not any("lora" in name for name in merged)  # a plain model
     assert predicted_confusion(output_path, dataset / "validation") == \
         results["epochs"][-1]["validation"]["confusion_matrix"]
+
+
+def test_a_qlora_model_is_saved_as_the_full_precision_model_its_4_bit_layers_computed(tmp_path):
+    """bitsandbytes holds 4-bit weights on the CPU too, though Colossal-AI quantizes only on a GPU: its conversion
+    is applied here as booster.enable_lora(quantize=True) applies it, with fp32 compute for a close comparison.
+    The saved merged model gives the 4-bit model's logits, adapters included, as a plain ViT."""
+    from colossalai.quantization.bnb import get_keys_to_not_convert, replace_with_bnb_layers
+    from colossalai.quantization.bnb_config import BnbQuantizationConfig
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from models import dequantize_merged
+    model = AutoModelForImageClassification.from_pretrained(MODEL_DIR, num_labels=3, ignore_mismatched_sizes=True)
+    config = BnbQuantizationConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
+                                   bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
+    quantized = replace_with_bnb_layers(model, config, get_keys_to_not_convert(model)).to("cpu")  # quantizes
+    quantized.is_loaded_in_4bit = True
+    adapted = get_peft_model(quantized, LoraConfig(r=4, target_modules=["query", "value"],
+                                                   modules_to_save=["classifier"])).eval()
+    torch.manual_seed(0)
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:  # as training leaves them: not the zeros they start from
+            torch.nn.init.normal_(parameter, std=0.02)
+    images = [load_image(str(path)) for path in sorted((BEANS_DIR / "validation").glob("*/*.jpg"))[::20]]
+    pixels = AutoImageProcessor.from_pretrained(MODEL_DIR)(images, return_tensors="pt")["pixel_values"]
+    merged = copy.deepcopy(adapted)  # untouched by a forward pass: on the CPU, bitsandbytes repacks the weights then
+    with torch.no_grad():
+        expected = adapted(pixel_values=pixels).logits
+        dequantize_merged(merged)
+        merged.merge_and_unload().save_pretrained(tmp_path / "merged", safe_serialization=True)
+        served = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
+        logits = served(pixel_values=pixels).logits
+    # bitsandbytes' CPU kernel rounds its sums: the logits agree to 0.012 (leaving the adapters out moves them 0.09)
+    assert (logits - expected).abs().max() < 0.03 and torch.equal(logits.argmax(1), expected.argmax(1))
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not any("lora" in name or "absmax" in name for name in saved)
+    assert all(tensor.dtype == torch.float32 for tensor in saved.values())
 
 
 def save_to_disk_folder(image_folder, destination):
