@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 from contextlib import contextmanager
 
 import torch
@@ -81,7 +82,8 @@ def grad_scaler(optimizer):
 
 def save_checkpoint(boosted, state, output_path, keep, plugin):
     """Writes `boosted` (plugins.Boosted, trained with `plugin`) and `state` as checkpoint step_<global step>,
-    keeping the `keep` newest."""
+    keeping the `keep` newest. Returns what it cost: its step, the seconds training waited for it, its size."""
+    start = time.perf_counter()
     booster = boosted.booster
     final = os.path.join(checkpoint_root(output_path), f"step_{state.global_step:07d}")
     partial = final + PARTIAL
@@ -110,7 +112,8 @@ def save_checkpoint(boosted, state, output_path, keep, plugin):
             for old in complete_checkpoints(output_path)[:-keep]:
                 shutil.rmtree(old)
     dist.barrier()
-    return final
+    size = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(final) for name in names)
+    return {"step": state.global_step, "seconds": time.perf_counter() - start, "gib": size / 2**30}
 
 
 def resolve_resume(resume_from, output_path):

@@ -205,11 +205,13 @@ def main():
             loss = F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
             return loss / accumulation if accumulation > 1 else loss
 
+        checkpoints_written = []  # by this run: each one's step, the seconds training waited for it, its GiB
+
         def save_checkpoint():
             if args.keep_checkpoints:
                 with reporting.timed(clock, "checkpoint_seconds"):
-                    checkpoint.save_checkpoint(boosted, state, args.output_path, args.keep_checkpoints,
-                                              args.plugin)
+                    checkpoints_written.append(checkpoint.save_checkpoint(boosted, state, args.output_path,
+                                                                          args.keep_checkpoints, args.plugin))
 
         def epoch_pass(epoch, first_step=0):  # starts decoding a streamed epoch's images at once
             index_batches = training_index_batches(len(images["train"]), args.batch_size, topology.dp_rank,
@@ -279,6 +281,7 @@ def main():
                     "test": final.get("test"),
                     "best_epoch": best,
                     "train_images_per_second": state.images_trained / state.train_seconds,
+                    "checkpoints": checkpoints_written,
                     "seconds": clock.summary(state),
                 }
                 reporting.write_results(results, args.output_path)

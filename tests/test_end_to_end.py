@@ -47,7 +47,7 @@ def check_metrics(metrics, num_examples):
 
 def check_schema(results, num_epoch, num_validation=133, num_test=128):
     assert set(results) == {"config", "data", "memory", "epochs", "test", "best_epoch", "train_images_per_second",
-                            "seconds"}
+                            "checkpoints", "seconds"}
     assert results["data"]["mode"] in ("cache", "stream") and results["data"]["unreadable"] == []
     assert results["data"]["num_examples"]["validation"] == num_validation
     assert 0.5 < results["memory"]["peak_host_gib"] < 24
@@ -71,6 +71,11 @@ def check_schema(results, num_epoch, num_validation=133, num_test=128):
     assert min(seconds["setup_parts"].values()) > 0
     assert 0 <= seconds["data_wait"] < seconds["train"]
     assert (seconds["checkpoints"] > 0) == (results["config"]["keep_checkpoints"] > 0)
+    written = results["checkpoints"]  # one at each epoch's end, and every save_every steps
+    steps = [checkpoint["step"] for checkpoint in written]
+    assert steps == sorted(set(steps)) and len(steps) >= num_epoch * (results["config"]["keep_checkpoints"] > 0)
+    assert all(checkpoint["seconds"] > 0 and checkpoint["gib"] > 0 for checkpoint in written)
+    assert sum(checkpoint["seconds"] for checkpoint in written) <= seconds["checkpoints"]
     assert sum(seconds[part] for part in ("setup", "train", "evaluation", "checkpoints")) < seconds["total"]
 
 
