@@ -209,9 +209,10 @@ def main():
 
         def save_checkpoint():
             if args.keep_checkpoints:
-                with reporting.timed(clock, "checkpoint_seconds"):
-                    checkpoints_written.append(checkpoint.save_checkpoint(boosted, state, args.output_path,
-                                                                          args.keep_checkpoints, args.plugin))
+                written = checkpoint.save_checkpoint(boosted, state, args.output_path, args.keep_checkpoints,
+                                                     args.plugin)
+                clock.checkpoint_seconds += written["seconds"]
+                checkpoints_written.append(written)
 
         def epoch_pass(epoch, first_step=0):  # starts decoding a streamed epoch's images at once
             index_batches = training_index_batches(len(images["train"]), args.batch_size, topology.dp_rank,
