@@ -101,16 +101,21 @@ def load_model(model_name, names, settings, image_size=None, grad_checkpoint=Fal
     return image_processor, model
 
 
-def with_lora(model, booster, rank, alpha, dropout, target_modules, quantize=False):
+def with_lora(model, booster, rank, alpha, dropout, target_modules, quantize=False, autocast_dtype=None):
     """`model` with LoRA adapters of `rank` on the linear layers named in `target_modules` (comma-separated) and
     its classification head trained in full, through Colossal-AI's booster.enable_lora (PEFT underneath); with
-    `quantize`, its other linear layers held in 4 bits (QLoRA: Colossal-AI's bitsandbytes NF4 default)."""
+    `quantize`, its other linear layers held in 4 bits (QLoRA: Colossal-AI's bitsandbytes NF4 default). Trained
+    under autocast to `autocast_dtype`, its frozen layers are held in that dtype (hold_frozen_layers_in)."""
     from peft import LoraConfig
     targets = [name.strip() for name in target_modules.split(",") if name.strip()]
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=targets,
                         modules_to_save=["classifier"])
+    if quantize and model.is_gradient_checkpointing:
+        # PEFT makes the recomputed layers' inputs require gradients for a model in full precision only (else it
+        # leaves it to prepare_model_for_kbit_training): without them no gradient reaches the adapters there
+        model.enable_input_require_grads()
     try:
-        return booster.enable_lora(model, lora_config=config, quantize=quantize)
+        model = booster.enable_lora(model, lora_config=config, quantize=quantize)
     except ValueError as error:
         if "not found in the base model" not in str(error):
             raise
@@ -118,6 +123,19 @@ def with_lora(model, booster, rank, alpha, dropout, target_modules, quantize=Fal
                          if isinstance(module, torch.nn.Linear) and "classifier" not in name})
         raise RunError(f"--lora_target_modules {target_modules} names no layer of {type(model).__name__}; name some "
                        f"of its linear layers: {', '.join(linear)}") from None
+    if autocast_dtype and not quantize:
+        hold_frozen_layers_in(model, autocast_dtype)
+    return model
+
+
+def hold_frozen_layers_in(model, dtype):
+    """Casts the weights of `model`'s frozen linear and convolution layers to `dtype`, the 16-bit dtype autocast
+    computes those layers in: autocast casts them to it in every forward pass anyway, so the model computes exactly
+    the same while its frozen weights take half the memory (a 6.5B ViT's 24 GiB become 12)."""
+    for module in model.modules():
+        if (isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+                and not any(parameter.requires_grad for parameter in module.parameters())):
+            module.to(dtype)
 
 
 def save_merged(boosted_model, output_path):
@@ -126,6 +144,7 @@ def save_merged(boosted_model, output_path):
     peft_model = boosted_model.unwrap(unwrap_peft=False)
     if getattr(peft_model.base_model.model, "is_loaded_in_4bit", False):
         dequantize_merged(peft_model)
+    peft_model.float()  # frozen layers held in 16 bits (hold_frozen_layers_in) merged and saved in full precision
     peft_model.merge_and_unload().save_pretrained(output_path, safe_serialization=True)
 
 

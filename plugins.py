@@ -180,14 +180,22 @@ def default_precision(plugin, offload, on_gpu):
     return "fp16" if offload != "none" else PLUGINS[plugin].precisions[0]
 
 
+def autocast_dtype(settings):
+    """The 16-bit dtype the plugin computes in through torch.autocast (bf16) or torch AMP (fp16), or None (fp32, or
+    a plugin that casts the model itself)."""
+    if PLUGINS[settings.plugin].autocast and settings.precision != "fp32":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[settings.precision]
+    return None
+
+
 def build_booster(model, settings, device):
     """The plugin `settings` names and the booster that trains `model` with it."""
     from colossalai.booster import Booster
     plugin = PLUGINS[settings.plugin]
-    if plugin.autocast and settings.precision == "bf16":  # the other plugins cast the model themselves
+    if autocast_dtype(settings) == torch.bfloat16:  # torch AMP (fp16) is the booster's mixed_precision below
         model.forward = torch.autocast(device.type, dtype=torch.bfloat16)(model.forward)
     built = plugin.build(settings)
-    torch_amp = plugin.autocast and settings.precision == "fp16"
+    torch_amp = autocast_dtype(settings) == torch.float16
     return built, Booster(plugin=built, mixed_precision="fp16" if torch_amp else None)
 
 

@@ -33,7 +33,7 @@ from errors import RunError
 from evaluation import evaluate
 from images import augmentation_draws, augmented, device_images, training_index_batches
 from models import load_model, save_merged, with_lora
-from plugins import Boosted, Topology, build_booster, build_optimizer, forward_backward, gradient_sync
+from plugins import Boosted, Topology, autocast_dtype, build_booster, build_optimizer, forward_backward, gradient_sync
 
 LOSS_READ_LAG = 2  # steps the host may queue ahead of the GPU before it waits for a step's loss
 
@@ -160,7 +160,8 @@ def main():
         plugin, booster = build_booster(model, settings, device)
         if args.lora_rank:
             model = with_lora(model, booster, args.lora_rank, args.lora_alpha, args.lora_dropout,
-                              args.lora_target_modules or "query,value", args.lora_quantize)
+                              args.lora_target_modules or "query,value", args.lora_quantize,
+                              autocast_dtype(settings))
         trained_parameters = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
         topology = Topology(plugin)
         accumulation = args.gradient_accumulation_steps

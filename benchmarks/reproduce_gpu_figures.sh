@@ -16,10 +16,14 @@
 # largest (about 35 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT from g/14 to
 # 8B/14 (step_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin without
 # and with offload), then the offloading ones at ViT-G/14.
+# lora (about 8 minutes): under the same cap, the largest ViT from G/14 to 22B/14 that LoRA of rank 16 trains over
+# 16-bit and over 4-bit (QLoRA) frozen weights, at batch LORA_LARGEST_BS (16: with GRAD_ACCUM=2 a global batch of 32),
+# then LoRA beside full fine-tuning with the best offload, at batch 32: ViT-G/14 against gemini OFFLOAD=optimizer,
+# 6.5B/14 against OFFLOAD=all.
 # Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
 # profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log, serving_agreement.json; for
 # largest largest.json,
-# vit_g.json and their .log and _logs/.
+# vit_g.json and their .log and _logs/; for lora lora_largest.json, lora_vit_g.json, lora_6.5b.json and theirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the example's folder, where relative paths given here are read
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
@@ -30,12 +34,15 @@ REPEATS=${REPEATS:-3}  # end_to_end: runs of the recipe and of each plugin, in t
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
 case "$PART" in
-  end_to_end | steps | both | autotune | streaming | modes | largest) ;;
-  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes or largest" >&2; exit 2 ;;
+  end_to_end | steps | both | autotune | streaming | modes | largest | lora) ;;
+  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest or lora" >&2
+    exit 2 ;;
 esac
 # the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
 BUILD_KERNELS="from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
 CPUAdamLoader().load(); FusedOptimizerLoader().load()"
+# largest and lora: each size in a process of its own under a GPU memory cap, recomputing activations
+capped=(LARGEST=1 MAX_GPU_MEMORY_GIB="${CAP_GIB:-24}" GRAD_CHECKPOINT=1 STEPS=2 WARMUP_STEPS=1)
 mkdir -p "$LOG_DIR"
 
 step_table() {  # NAME VARIABLE=VALUE...: run_step_benchmark.sh with those variables, into LOG_DIR/NAME.json and .log
@@ -294,11 +301,17 @@ if [ "$PART" = largest ]; then
   if python3 -c "import deepspeed" 2>/dev/null; then  # its CPU Adam builds at first use: once, before the timing
     python3 -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >/dev/null
   fi
-  capped=(LARGEST=1 MAX_GPU_MEMORY_GIB="${CAP_GIB:-24}" GRAD_CHECKPOINT=1 BATCH_SIZES=32 STEPS=2 WARMUP_STEPS=1)
   offloading=deepspeed_zero2_offload,deepspeed_zero3_offload,gemini:optimizer,gemini:all,low_level_zero:optimizer
   offloading+=,hybrid_parallel:optimizer
-  step_table largest "${capped[@]}" MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14,8B/14 \
+  step_table largest "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14,8B/14 \
     CONFIGURATIONS=torch,torch_ddp,low_level_zero,gemini,hybrid_parallel,$offloading
-  step_table vit_g "${capped[@]}" MODEL_SIZES=G/14 \
+  step_table vit_g "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=G/14 \
     CONFIGURATIONS=$offloading,gemini:optimizer@bf16,gemini:optimizer:0.5
+fi
+if [ "$PART" = lora ]; then
+  python3 -c "$BUILD_KERNELS" >/dev/null  # gemini's CPU Adam, for the full fine-tuning beside LoRA
+  step_table lora_largest "${capped[@]}" BATCH_SIZES="${LORA_LARGEST_BS:-16}" \
+    MODEL_SIZES=G/14,6.5B/14,8B/14,12B/14,22B/14 CONFIGURATIONS=torch_ddp+lora,torch_ddp+qlora
+  step_table lora_vit_g "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=G/14 CONFIGURATIONS=torch_ddp+lora,gemini:optimizer
+  step_table lora_6.5b "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=6.5B/14 CONFIGURATIONS=torch_ddp+lora,gemini:all
 fi

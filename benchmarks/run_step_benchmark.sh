@@ -3,18 +3,20 @@
 # compiled) in one run, and prints the table (also written to OUTPUT). Variables can be overridden:
 #   BATCH_SIZES=128 bash benchmarks/run_step_benchmark.sh
 # CONFIGURATIONS may also name torch_compile_max_autotune (about 4.5 minutes of autotuning for ViT-B/16), a plugin
-# with what it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer), and DeepSpeed with offload
+# with what it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer) or with LoRA adapters over 16-bit
+# or 4-bit frozen weights (torch_ddp+lora, torch_ddp+qlora), and DeepSpeed with offload
 # (deepspeed_zero2_offload, deepspeed_zero3_offload; if installed), the peer for models larger than the GPU.
 # LARGEST=1 is the memory mode: each configuration's largest model of MODEL_SIZES that trains, for example
 #   LARGEST=1 MAX_GPU_MEMORY_GIB=24 GRAD_CHECKPOINT=1 BATCH_SIZES=32 MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14 \
 #   CONFIGURATIONS=torch,deepspeed_zero2_offload,gemini:all bash benchmarks/run_step_benchmark.sh
-# Without a GPU it times a tiny ViT on the CPU (torch and torch_ddp only), which checks the script, not the speed.
+# Without a GPU it times a tiny ViT on the CPU (torch, and torch_ddp in full and with LoRA), which checks the script,
+# not the speed.
 set -euo pipefail
 # the benchmark imports the example's modules; paths given stay relative to where this is run from
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 CONFIGURATIONS=${CONFIGURATIONS:-torch,torch_compile,torch_ddp,torch_ddp_fp16,low_level_zero,gemini,hybrid_parallel}
-MODEL_SIZES=${MODEL_SIZES:-}       # tiny, B/16, L/16, H/14, g/14, G/14, e/14, 5.5B/14, 6.5B/14, 8B/14, 22B/14 (default: B/16, tiny on CPU)
+MODEL_SIZES=${MODEL_SIZES:-}       # tiny, B/16, L/16, H/14, g/14, G/14, e/14, 5.5B/14, 6.5B/14, 8B/14, 12B/14, 22B/14 (default: B/16, tiny on CPU)
 BATCH_SIZES=${BATCH_SIZES:-32,128}  # batch size of each GPU
 GPUNUM=${GPUNUM:-1}                 # >1 times the plugins data-parallel over GPUNUM GPUs (references need 1)
 STEPS=${STEPS:-30}                  # timed steps of each configuration, after WARMUP_STEPS
@@ -27,7 +29,7 @@ PROFILE_DIR=${PROFILE_DIR:-}        # set: also writes a profile of each configu
 
 if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   echo "No CUDA GPU found: timing a tiny ViT on the CPU."
-  CONFIGURATIONS=torch,torch_ddp MODEL_SIZES=${MODEL_SIZES:-tiny}
+  CONFIGURATIONS=torch,torch_ddp,torch_ddp+lora MODEL_SIZES=${MODEL_SIZES:-tiny}
 fi
 benchmark=(-m benchmarks.step_benchmark
   --configurations "$CONFIGURATIONS"

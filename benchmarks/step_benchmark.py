@@ -3,7 +3,8 @@
 Times whole training steps (forward, backward, optimizer) of ViTs of random weights on synthetic batches already on
 the device, after warm-up, with the example's own plugin, offload and optimizer settings (plugins.py, as the
 training script builds them): a configuration is a plugin, optionally with what it offloads,
-`plugin:offload[:fraction]` (gemini:optimizer:0.5). The references are a plain PyTorch model with bf16 autocast,
+`plugin:offload[:fraction]` (gemini:optimizer:0.5), or training LoRA adapters over its frozen weights held in 16 or
+4 bits, `plugin+lora` or `plugin+qlora`. The references are a plain PyTorch model with bf16 autocast,
 SDPA attention and fused AdamW, eager and compiled (torch_compile_max_autotune also autotunes the matrix
 multiplications: about 4.5 minutes of warm-up for ViT-B/16, so it runs only when asked for); they run in
 single-process invocations only, as does DeepSpeed ZeRO-2 or ZeRO-3 with offload (deepspeed_zero2_offload,
@@ -42,46 +43,56 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from devices import init_distributed
 from evaluation import cross_entropy
-from plugins import (OFFLOADS, PLUGINS, Boosted, PluginSettings, Topology, build_booster, build_optimizer,
-                     default_precision, forward_backward, precision_error, settings_error)
+from models import with_lora
+from plugins import (OFFLOADS, PLUGINS, Boosted, PluginSettings, Topology, autocast_dtype, build_booster,
+                     build_optimizer, default_precision, forward_backward, precision_error, settings_error)
 
 REFERENCES = ("torch", "torch_compile", "torch_compile_max_autotune")
 PEERS = ("deepspeed_zero2_offload", "deepspeed_zero3_offload")
 DEFAULT_CONFIGURATIONS = ("torch", "torch_compile", *PLUGINS)  # max-autotune only on request: minutes of tuning
+CPU_CONFIGURATIONS = ("torch", "torch_ddp", "torch_ddp+lora")
 # hidden size, layers, MLP size, attention heads, patch size: ViT-B/L/H (Dosovitskiy et al.), g/G (Zhai et al.),
-# e (PaLI), and larger ones: InternViT-6B's shape (5.5B parameters at 224 pixels), 6.5B, 8B and ViT-22B's (Dehghani
+# e (PaLI), and larger ones: InternViT-6B's shape (5.5B parameters at 224 pixels), 6.5B, 8B, 12B and ViT-22B's (Dehghani
 # et al.); tiny, a 32-pixel ViT for a quick run on the CPU
 SIZES = {"tiny": (64, 2, 128, 2, 8), "B/16": (768, 12, 3072, 12, 16), "L/16": (1024, 24, 4096, 16, 16),
          "H/14": (1280, 32, 5120, 16, 14), "g/14": (1408, 40, 6144, 16, 14), "G/14": (1664, 48, 8192, 16, 14),
          "e/14": (1792, 56, 15360, 16, 14), "5.5B/14": (3200, 45, 12800, 25, 14), "6.5B/14": (3584, 42, 14336, 28, 14),
-         "8B/14": (4096, 40, 16384, 32, 14), "22B/14": (6144, 48, 24576, 48, 14)}
+         "8B/14": (4096, 40, 16384, 32, 14), "12B/14": (5120, 40, 20480, 40, 14), "22B/14": (6144, 48, 24576, 48, 14)}
 
 
-Configuration = collections.namedtuple("Configuration", "setup plugin offload fraction precision parts")
+Configuration = collections.namedtuple("Configuration", "setup plugin offload fraction adapters precision parts")
+ADAPTERS = ("", "lora", "qlora")
+LORA_RANK = 16  # on the attention's query and value, the training script's default targets
 
 
 def parse_configuration(name):
-    """The parts of a configuration's name, `setup[@precision]`, the setup being a reference, a DeepSpeed peer or
-    `plugin[:offload[:fraction]]` (precision "" for the default; parts: how many `:`-separated parts the setup has)."""
+    """The parts of a configuration's name, `setup[+adapters][@precision]`, the setup being a reference, a DeepSpeed
+    peer or `plugin[:offload[:fraction]]`, the adapters lora or qlora (LoRA of rank LORA_RANK, over 16-bit or 4-bit
+    frozen weights; "" for full fine-tuning), precision "" for the default (parts: how many `:`-separated parts the
+    setup has)."""
     setup, _, precision = name.partition("@")
+    setup, _, adapters = setup.partition("+")
     parts = setup.split(":")
     plugin, offload, fraction = (parts + ["none", "1"][len(parts) - 1:])[:3]
-    return Configuration(setup, plugin, offload, fraction, precision, len(parts))
+    return Configuration(setup, plugin, offload, fraction, adapters, precision, len(parts))
 
 
 def plugin_settings(configuration):
     """The plugin settings a Colossal-AI configuration names, its precision the training script's default if none."""
     precision = configuration.precision or default_precision(configuration.plugin, configuration.offload,
                                                              torch.cuda.is_available())
-    return PluginSettings(configuration.plugin, precision, configuration.offload, float(configuration.fraction))
+    return PluginSettings(configuration.plugin, precision, configuration.offload, float(configuration.fraction),
+                          lora_rank=LORA_RANK if configuration.adapters else 0,
+                          lora_quantize=configuration.adapters == "qlora")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configurations", default=",".join(DEFAULT_CONFIGURATIONS),
                         help=f"comma-separated, from {', '.join((*REFERENCES, *PLUGINS, *PEERS))}; a plugin may "
-                        "name what it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer), and a plugin or "
-                        "DeepSpeed a precision other than its default (gemini:optimizer@bf16)")
+                        "name what it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer) or train LoRA "
+                        f"adapters of rank {LORA_RANK} over 16-bit or 4-bit weights (torch_ddp+lora, torch_ddp+qlora), "
+                        "and a plugin or DeepSpeed a precision other than its default (gemini:optimizer@bf16)")
     parser.add_argument("--model_sizes", default="B/16", help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--batch_sizes", default="32,128", help="comma-separated batch sizes of each GPU")
     parser.add_argument("--warmup_steps", type=int, default=10)
@@ -104,10 +115,13 @@ def parse_args():
         configuration = parse_configuration(name)
         if (configuration.setup not in REFERENCES + PEERS
                 and (configuration.plugin not in PLUGINS or configuration.offload not in OFFLOADS
-                     or configuration.parts > 3) or configuration.precision not in ("", "bf16", "fp16")):
+                     or configuration.parts > 3) or configuration.precision not in ("", "bf16", "fp16")
+                or configuration.adapters not in ADAPTERS
+                or configuration.adapters and configuration.setup in REFERENCES + PEERS):
             parser.error(f"unknown configuration {name}; choose from {', '.join((*REFERENCES, *PLUGINS, *PEERS))}; a "
                          f"plugin may add what it offloads, plugin:offload[:fraction] with offload one of "
-                         f"{', '.join(OFFLOADS)}, and a plugin or DeepSpeed its precision, @bf16 or @fp16")
+                         f"{', '.join(OFFLOADS)}, LoRA adapters as +lora or +qlora, and a plugin or DeepSpeed its "
+                         "precision, @bf16 or @fp16")
         if is_colossalai(name):
             settings = plugin_settings(configuration)
             on_gpu = torch.cuda.is_available()
@@ -116,8 +130,8 @@ def parse_args():
     unknown_sizes = set(args.model_sizes) - set(SIZES)
     if unknown_sizes:
         parser.error(f"unknown --model_sizes {', '.join(sorted(unknown_sizes))}; choose from {', '.join(SIZES)}")
-    if not torch.cuda.is_available() and set(args.configurations) - {"torch", "torch_ddp"}:
-        parser.error("on the CPU only --configurations torch,torch_ddp run (with --model_sizes tiny)")
+    if not torch.cuda.is_available() and set(args.configurations) - set(CPU_CONFIGURATIONS):
+        parser.error(f"on the CPU only --configurations {','.join(CPU_CONFIGURATIONS)} run (with --model_sizes tiny)")
     return args
 
 
@@ -177,9 +191,13 @@ def reference_step_function(name, size, args, device):
 def plugin_step_function(name, size, args, device):
     """One training step of the example with its settings for the plugin (and offload) `name`."""
     settings = plugin_settings(parse_configuration(name))
-    # offloading plugins place the weights themselves: built on the host, the model never has to fit on the GPU
-    model, image_size = new_model(size, args, "cpu" if settings.offload != "none" else device)
+    # offloading plugins place the weights themselves, and LoRA moves them once held in 16 or 4 bits: built on the
+    # host, the model in fp32 never has to fit on the GPU
+    model, image_size = new_model(size, args, "cpu" if settings.offload != "none" or settings.lora_rank else device)
     plugin, booster = build_booster(model, settings, device)
+    if settings.lora_rank:  # the training script's defaults: alpha the rank, dropout 0.1
+        model = with_lora(model, booster, settings.lora_rank, None, 0.1, "query,value", settings.lora_quantize,
+                          autocast_dtype(settings))
     topology = Topology(plugin)
     model, optimizer, *_ = booster.boost(model, build_optimizer(model, settings, learning_rate=1e-4,
                                                                 weight_decay=0.5))
@@ -337,17 +355,20 @@ def offloaded_part(name):
 def memory_needed(name, parameters, gpu_cap_gib):
     """Why a configuration cannot train a model of `parameters` here without trying, or None: what it must hold
     whatever the batch (host: the fp32 model built there, plus the fp32 weights and Adam states it offloads; GPU:
-    the 16-bit weights and gradients where the optimizer is offloaded, fp32 weights, gradients and Adam states
-    where nothing is)."""
-    offloaded = offloaded_part(name)
+    under LoRA the frozen weights in 16 or 4 bits, else the 16-bit weights and gradients where the optimizer is
+    offloaded, fp32 weights, gradients and Adam states where nothing is)."""
+    offloaded, adapters = offloaded_part(name), parse_configuration(name).adapters
     on_gpu = torch.cuda.is_available()
     host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    host_needed = parameters * (16 if offloaded != "none" or not on_gpu else 4) / 2**30
+    # training on the host itself (offloaded, or on the CPU) holds Adam's states there too, except under LoRA
+    host_needed = parameters * (16 if (offloaded != "none" or not on_gpu) and not adapters else 4) / 2**30
     if host_needed > 0.9 * host_gib:
         return f"not tried: needs about {host_needed:.0f} GiB of host memory, of {host_gib:.0f} here"
     if on_gpu:
         gpu_gib = min(torch.cuda.get_device_properties(0).total_memory / 2**30, gpu_cap_gib or float("inf"))
-        gpu_needed = parameters * {"none": 16, "optimizer": 4, "all": 0}[offloaded] / 2**30
+        per_parameter = ({"lora": 2, "qlora": 0.5}[adapters] if adapters
+                         else {"none": 16, "optimizer": 4, "all": 0}[offloaded])
+        gpu_needed = parameters * per_parameter / 2**30
         if gpu_needed > gpu_gib:
             return (f"not tried: needs over {gpu_needed:.0f} GiB of GPU memory, of "
                     f"{f'the {gpu_cap_gib:g} GiB cap' if gpu_cap_gib else f'{gpu_gib:.0f} GiB here'}")

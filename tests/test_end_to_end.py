@@ -323,6 +323,38 @@ def test_a_qlora_model_is_saved_as_the_full_precision_model_its_4_bit_layers_com
     assert all(tensor.dtype == torch.float32 for tensor in saved.values())
 
 
+def test_lora_holds_frozen_layers_in_the_autocast_dtype_and_computes_the_same():
+    """Under bf16 autocast a LoRA run holds its frozen linear and convolution weights in bf16, which autocast would
+    cast them to in every pass: the logits are bitwise those of the model holding them in fp32, in half the bytes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from models import hold_frozen_layers_in
+    model = AutoModelForImageClassification.from_pretrained(MODEL_DIR, num_labels=3, ignore_mismatched_sizes=True)
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["query", "value"],
+                                               modules_to_save=["classifier"])).eval()
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:  # as training leaves them: not the zeros they start from
+            torch.nn.init.normal_(parameter, std=0.02)
+    held = copy.deepcopy(adapted)
+    hold_frozen_layers_in(held, torch.bfloat16)
+    images = [load_image(str(path)) for path in sorted((BEANS_DIR / "validation").glob("*/*.jpg"))[::20]]
+    pixels = AutoImageProcessor.from_pretrained(MODEL_DIR)(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(held(pixel_values=pixels).logits, adapted(pixel_values=pixels).logits)
+    dtypes = {name: parameter.dtype for name, parameter in held.named_parameters()}
+    layer = "base_model.model.vit.encoder.layer.5"
+    assert dtypes[f"{layer}.attention.attention.key.weight"] == torch.bfloat16  # frozen
+    assert dtypes[f"{layer}.attention.attention.query.base_layer.weight"] == torch.bfloat16  # frozen, adapted
+    assert dtypes[f"{layer}.attention.attention.query.lora_A.default.weight"] == torch.float32  # trained
+    assert dtypes["base_model.model.classifier.modules_to_save.default.weight"] == torch.float32  # trained in full
+    assert dtypes[f"{layer}.layernorm_before.weight"] == torch.float32  # autocast computes layer norms in fp32
+
+    def size(model):
+        return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    assert 0.5 < size(held) / size(adapted) < 0.55
+
+
 def save_to_disk_folder(image_folder, destination):
     load_splits(str(image_folder)).save_to_disk(str(destination))
     return destination

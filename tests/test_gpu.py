@@ -129,18 +129,19 @@ def test_pretrained_shaped_dinov2_and_swin_train_and_are_served_as_measured(tmp_
 
 
 def test_qlora_trains_adapters_over_4_bit_weights_and_is_served_merged_in_full_precision(tmp_path):
-    output_path = tmp_path / "model"
+    output_path = tmp_path / "model"  # recomputing activations, as a model that needs QLoRA would
     run, results = run_finetuning(output_path, gpu=True, PLUGIN="torch_ddp", GPUNUM=1, DATASET=BEANS_DIR, LORA_RANK=16,
-                                  LORA_QUANTIZE=1, LR=1e-3, EPOCH=5)
+                                  LORA_QUANTIZE=1, GRAD_CHECKPOINT=1, LR=1e-3, EPOCH=5)
     assert ", LoRA adapters of rank 16 over 4-bit weights; saving to" in run.stdout.splitlines()[0]
     assert results["config"]["num_trained_parameters"] < results["config"]["num_parameters"] / 10
     assert results["epochs"][-1]["validation"]["accuracy"] > 0.6
     check_pipeline_classifies_test_split(output_path, results, device=0)
 
 
-def test_qlora_resumes_after_a_kill(tmp_path):
-    check_resume_after_a_kill(tmp_path, "torch_ddp_qlora", PLUGIN="torch_ddp", LORA_RANK=16, LORA_QUANTIZE=1,
-                              LR=1e-3)
+@pytest.mark.parametrize("quantize", [0, 1], ids=["lora", "qlora"])
+def test_lora_and_qlora_resume_after_a_kill(tmp_path, quantize):
+    check_resume_after_a_kill(tmp_path, f"torch_ddp_{'q' * quantize}lora", PLUGIN="torch_ddp", LORA_RANK=16,
+                              LORA_QUANTIZE=quantize, LR=1e-3)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
