@@ -1,6 +1,6 @@
-"""An SSH server on a loopback address of this machine, for the tests of a launch across nodes: `colossalai run`
-reaches every host of a hostfile but this one over SSH (Fabric), and this server plays such a host. It accepts one
-client key and runs each command it is sent in bash, in this machine's environment, as a node's sshd would."""
+"""An SSH server on this machine's loopback, for the tests of a launch across nodes: `colossalai run` reaches every
+host of a hostfile but this one over SSH (Fabric), and this server plays such a host. It accepts one client key and
+runs each command it is sent in bash, in this machine's environment, as a node's sshd would."""
 import socket
 import subprocess
 import threading
@@ -45,15 +45,16 @@ def pump(stream, send):
         send(chunk)
 
 
-def start(address, folder):
-    """Serves on `address` (a loopback address such as 127.0.0.2), in a daemon thread. Writes into `folder` the
-    client key and an ssh config naming it and the port, for a client whose HOME is `folder`. Returns the list that
-    the commands it is sent are added to."""
+def start(host, folder):
+    """Serves, in a daemon thread, as `host` (an address that is not this machine's own name, such as 127.0.0.2,
+    which colossalai run therefore reaches over SSH). Writes into `folder` the client key and an ssh config that
+    sends `host` to the server's port on 127.0.0.1 (other loopback addresses are not reachable on every machine),
+    for a client whose HOME is `folder`. Returns the list that the commands it is sent are added to."""
     commands = []
     host_key, client_key = paramiko.RSAKey.generate(2048), paramiko.RSAKey.generate(2048)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((address, 0))
+    listener.bind(("127.0.0.1", 0))
     listener.listen()
 
     def serve():
@@ -67,6 +68,6 @@ def start(address, folder):
     ssh = folder / ".ssh"
     ssh.mkdir(parents=True)
     client_key.write_private_key_file(str(ssh / "id_rsa"))
-    (ssh / "config").write_text(f"Host {address}\n  Port {listener.getsockname()[1]}\n"
-                                f"  IdentityFile {ssh / 'id_rsa'}\n")
+    (ssh / "config").write_text(f"Host {host}\n  HostName 127.0.0.1\n  Port {listener.getsockname()[1]}\n"
+                                f"  IdentityFile {ssh / 'id_rsa'}\n  ConnectTimeout 30\n")
     return commands
