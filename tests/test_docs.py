@@ -61,3 +61,19 @@ def test_the_modes_table_is_its_raw_data():
         assert rows[name][1:] == [mode["settings"], str(len(runs)), str(runs[0]["trained_parameters"]),
                                   f"{mean['images_per_second']:.0f}", f"{mean['peak_gpu_gib']:.2f}",
                                   f"{mean['validation_accuracy']:.4f}", f"{mean['test_accuracy']:.4f}"]
+
+
+def test_the_lora_table_is_its_raw_data():
+    """Each row of the report's LoRA and QLoRA table holds what lora_largest.json keeps for that configuration and
+    size."""
+    import json
+    rows = json.loads((REPORT.parent / "lora_largest.json").read_text())["rows"]
+    section = REPORT.read_text().split("## LoRA and QLoRA on large models\n")[1].split("\n## ")[0]
+    printed = [line.strip("| ").split(" | ") for line in section.splitlines() if line.startswith("| torch_ddp")]
+
+    def cell(value, form):
+        return "-" if value is None else format(value, form)
+    assert printed == [[row["configuration"], row["model"], f"{row['parameters'] / 1e9:.2f}B",
+                        str(row["batch_size_per_gpu"]), row["result"], cell(row["images_per_second"], ".1f"),
+                        cell(row["step_ms"], ".0f"), cell(row["peak_gib"], ".2f"), cell(row["resident_gib"], ".2f"),
+                        cell(row["peak_host_gib"], ".2f")] for row in rows]

@@ -66,6 +66,7 @@ def check_resume_after_a_kill(tmp_path, name, **settings):
     resumed_from = re.search(r"resuming from .*/step_(\d+): epoch \d, step \d+ of 32", output)
     assert resumed_from and int(resumed_from.group(1)) < 64, output  # mid-run, with steps still to train
     if os.environ.get("GPU_RESULTS_DIR"):
+        Path(os.environ["GPU_RESULTS_DIR"]).mkdir(parents=True, exist_ok=True)
         (Path(os.environ["GPU_RESULTS_DIR"]) / f"resume_{name}.json").write_text(
             json.dumps({"uninterrupted": metrics(uninterrupted), "resumed": metrics(resumed)}))
     assert resumed["data"]["mode"] == uninterrupted["data"]["mode"]
