@@ -9,8 +9,8 @@ import paramiko
 
 
 class CommandServer(paramiko.ServerInterface):
-    def __init__(self, client_key, commands):
-        self.client_key, self.commands = client_key, commands
+    def __init__(self, client_key, commands, env):
+        self.client_key, self.commands, self.env = client_key, commands, env
 
     def check_channel_request(self, kind, channel_id):
         return paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
@@ -23,13 +23,13 @@ class CommandServer(paramiko.ServerInterface):
 
     def check_channel_exec_request(self, channel, command):
         self.commands.append(command.decode())
-        threading.Thread(target=run_command, args=(channel, command.decode()), daemon=True).start()
+        threading.Thread(target=run_command, args=(channel, command.decode(), self.env), daemon=True).start()
         return True
 
 
-def run_command(channel, command):
-    """Runs `command`, passing its stdout and stderr back as they come, then its exit status."""
-    process = subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def run_command(channel, command, env):
+    """Runs `command` in `env`, passing its stdout and stderr back as they come, then its exit status."""
+    process = subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     pumps = [threading.Thread(target=pump, args=(stream, send)) for stream, send in
              ((process.stdout, channel.sendall), (process.stderr, channel.sendall_stderr))]
     for thread in pumps:
@@ -45,11 +45,11 @@ def pump(stream, send):
         send(chunk)
 
 
-def start(host, folder):
+def start(host, folder, env):
     """Serves, in a daemon thread, as `host` (an address that is not this machine's own name, such as 127.0.0.2,
-    which colossalai run therefore reaches over SSH). Writes into `folder` the client key and an ssh config that
-    sends `host` to the server's port on 127.0.0.1 (other loopback addresses are not reachable on every machine),
-    for a client whose HOME is `folder`. Returns the list that the commands it is sent are added to."""
+    which colossalai run therefore reaches over SSH), running commands in `env`, that node's environment. Writes
+    into `folder` the client key and an ssh config that sends `host` to the server's port on 127.0.0.1, for a client
+    whose HOME is `folder`. Returns the list that the commands it is sent are added to."""
     commands = []
     host_key, client_key = paramiko.RSAKey.generate(2048), paramiko.RSAKey.generate(2048)
     listener = socket.socket()
@@ -62,7 +62,7 @@ def start(host, folder):
             connection, _ = listener.accept()
             transport = paramiko.Transport(connection)
             transport.add_server_key(host_key)
-            transport.start_server(server=CommandServer(client_key, commands))
+            transport.start_server(server=CommandServer(client_key, commands, env))
 
     threading.Thread(target=serve, daemon=True).start()
     ssh = folder / ".ssh"

@@ -42,8 +42,9 @@ def check_output(run, processes):
 def test_two_nodes_train_the_same_model_as_one_node_with_two_processes(spaced, tmp_path):
     # two nodes on this machine: this one, and "127.0.0.2", an SSH server of the test's own (on 127.0.0.1), which
     # colossalai run reaches over SSH as it would another machine; the torchrun on each rendezvous as two machines'
-    # would
-    sent_over_ssh = loopback_ssh.start("127.0.0.2", tmp_path / "home")
+    # would. That node sees no GPU either: colossalai run passes on no empty variable, so not CUDA_VISIBLE_DEVICES=""
+    # (on a GPU machine its worker would take the GPU and NCCL while the first took the CPU and gloo, and both wait)
+    sent_over_ssh = loopback_ssh.start("127.0.0.2", tmp_path / "home", env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("127.0.0.1\n127.0.0.2\n")
     one_node_run, one_node = run_in(spaced, "one node", GPUNUM=2)
