@@ -20,10 +20,14 @@
 # 16-bit and over 4-bit (QLoRA) frozen weights, at batch LORA_LARGEST_BS (16: with GRAD_ACCUM=2 a global batch of 32),
 # then LoRA beside full fine-tuning with the best offload, at batch 32: ViT-G/14 against gemini OFFLOAD=optimizer,
 # 6.5B/14 against OFFLOAD=all.
+# checkpoints: the seconds each checkpoint stalls training and where they go (benchmarks/checkpoint_benchmark.py,
+# 25 functions of its profile): ViT-B/16 with torch_ddp and gemini, and ViT-G/14 with gemini OFFLOAD=all under the
+# cap, written into CHECKPOINT_DIR (default: under RUN_ROOT).
 # Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
 # profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log, serving_agreement.json; for
 # largest largest.json,
-# vit_g.json and their .log and _logs/; for lora lora_largest.json, lora_vit_g.json, lora_6.5b.json and theirs.
+# vit_g.json and their .log and _logs/; for lora lora_largest.json, lora_vit_g.json, lora_6.5b.json and theirs; for
+# checkpoints checkpoint_<configuration>_<size>.json and .log.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the example's folder, where relative paths given here are read
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
@@ -34,8 +38,9 @@ REPEATS=${REPEATS:-3}  # end_to_end: runs of the recipe and of each plugin, in t
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
 case "$PART" in
-  end_to_end | steps | both | autotune | streaming | modes | largest | lora) ;;
-  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest or lora" >&2
+  end_to_end | steps | both | autotune | streaming | modes | largest | lora | checkpoints) ;;
+  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest, lora or" \
+    "checkpoints" >&2
     exit 2 ;;
 esac
 # the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
@@ -314,4 +319,14 @@ if [ "$PART" = lora ]; then
     MODEL_SIZES=G/14,6.5B/14,8B/14,12B/14,22B/14 CONFIGURATIONS=torch_ddp+lora,torch_ddp+qlora
   step_table lora_vit_g "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=G/14 CONFIGURATIONS=torch_ddp+lora,gemini:optimizer
   step_table lora_6.5b "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=6.5B/14 CONFIGURATIONS=torch_ddp+lora,gemini:all
+fi
+if [ "$PART" = checkpoints ]; then
+  python3 -c "$BUILD_KERNELS" >/dev/null
+  for run in "torch_ddp B/16" "gemini B/16" "gemini:all G/14"; do
+    read -r configuration size <<<"$run"
+    name=checkpoint_$(echo "${configuration}_$size" | tr ':/' '__')
+    python3 -m benchmarks.checkpoint_benchmark --configuration "$configuration" --model_size "$size" --profile 25 \
+      --max_gpu_memory_gib "${CAP_GIB:-24}" --output_path "${CHECKPOINT_DIR:-$RUN_ROOT/checkpoints}" \
+      --json "$LOG_DIR/$name.json" 2>&1 | tee "$LOG_DIR/$name.log" | grep -v Warning
+  done
 fi

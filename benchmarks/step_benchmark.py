@@ -148,7 +148,7 @@ def parameter_count(size):
         return sum(parameter.numel() for parameter in ViTForImageClassification(vit_config(size)).parameters())
 
 
-def new_model(size, args, device):
+def new_model(size, grad_checkpoint, device):
     """A ViT of this size with random weights on `device`: drawn on the GPU when there is one, where they take a
     second (PyTorch's own initialisation of a 6B-parameter model on the host takes minutes)."""
     torch.manual_seed(0)
@@ -163,14 +163,14 @@ def new_model(size, args, device):
                 parameter.copy_(torch.randn(parameter.shape, device=draw_on) * config.initializer_range)
             else:  # biases, and the layer norms' weights
                 parameter.fill_(float("layernorm" in name and name.endswith("weight")))
-    if args.grad_checkpoint:
+    if grad_checkpoint:
         model.gradient_checkpointing_enable()
     return model, config.image_size
 
 
 def reference_step_function(name, size, args, device):
     """One training step of plain PyTorch: bf16 autocast on the GPU (fp32 on the CPU), fused AdamW."""
-    model, image_size = new_model(size, args, device)
+    model, image_size = new_model(size, args.grad_checkpoint, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.5, fused=device.type == "cuda")
     forward = model
     if name == "torch_compile":
@@ -193,7 +193,8 @@ def plugin_step_function(name, size, args, device):
     settings = plugin_settings(parse_configuration(name))
     # offloading plugins place the weights themselves, and LoRA moves them once held in 16 or 4 bits: built on the
     # host, the model in fp32 never has to fit on the GPU
-    model, image_size = new_model(size, args, "cpu" if settings.offload != "none" or settings.lora_rank else device)
+    on_host = settings.offload != "none" or settings.lora_rank
+    model, image_size = new_model(size, args.grad_checkpoint, "cpu" if on_host else device)
     plugin, booster = build_booster(model, settings, device)
     if settings.lora_rank:  # the training script's defaults: alpha the rank, dropout 0.1
         model = with_lora(model, booster, settings.lora_rank, None, 0.1, "query,value", settings.lora_quantize,
@@ -219,7 +220,7 @@ def deepspeed_step_function(name, size, args, device):
     import deepspeed
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    model, image_size = new_model(size, args, "cpu")
+    model, image_size = new_model(size, args.grad_checkpoint, "cpu")
     configuration = parse_configuration(name)
     setup, precision = configuration.setup, configuration.precision
     stage = 2 if setup == "deepspeed_zero2_offload" else 3

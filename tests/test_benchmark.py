@@ -2,8 +2,10 @@
 in the same run."""
 import json
 import os
+import re
 import socket
 import subprocess
+import sys
 
 from conftest import MODEL_DIR, ROOT, example_env
 
@@ -72,3 +74,25 @@ def test_a_run_that_fails_inside_the_timed_part_stops_the_device_benchmarks_nami
         f"{tmp_path}/logs/end_to_end.log")
     assert "No such file or directory" in (tmp_path / "logs" / "end_to_end.log").read_text()
     assert not (tmp_path / "logs" / "streaming.json").exists()
+
+
+def test_checkpoint_benchmark_times_the_examples_own_checkpoints(tmp_path):
+    """benchmarks/checkpoint_benchmark.py writes the training script's checkpoints (torch_ddp, a tiny ViT on the
+    CPU) and reports each one's seconds and size, as printed and as JSON, with the profile asked for."""
+    output = tmp_path / "checkpoints.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.checkpoint_benchmark", "--model_size", "tiny",
+                          "--repeats", "2", "--profile", "5", "--output_path", str(tmp_path / "run"),
+                          "--json", str(output)], cwd=ROOT, env=example_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = json.loads(output.read_text())
+    assert [checkpoint["step"] for checkpoint in table["checkpoints"]] == [1, 2]
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [folder.name for folder in checkpoints] == ["step_0000002"]  # the newest kept, as the example keeps it
+    size = sum(path.stat().st_size for path in checkpoints[0].rglob("*") if path.is_file())
+    printed = [line for line in run.stdout.splitlines() if re.match(r"\| \d", line)]
+    for line, checkpoint in zip(printed, table["checkpoints"], strict=True):
+        assert checkpoint["seconds"] > 0 and checkpoint["gib"] == size / 2**30
+        assert line == (f"| {checkpoint['step']} | {checkpoint['seconds']:.2f} | {checkpoint['gib']:.2f} | "
+                        f"{checkpoint['gib'] / checkpoint['seconds']:.2f} |")
+    assert "checkpoint.py" in run.stdout.split("by cumulative time:")[1]  # the profile of save_checkpoint

@@ -1,0 +1,106 @@
+"""How long a training checkpoint stalls training, and where that time goes.
+
+Writes the example's own checkpoint (checkpoint.save_checkpoint, as the training script does at each epoch's end)
+of a ViT of random weights after one training step, --repeats times, for a configuration of the step benchmark
+(`plugin[:offload[:fraction]]`, the example's settings), and prints the seconds and GiB of each with the rate.
+--profile N also prints the N functions that took the most time (cProfile, cumulative) in the last checkpoint.
+Launch from the example's folder as `torchrun --standalone --nproc_per_node N -m benchmarks.checkpoint_benchmark`.
+"""
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import pstats
+import tempfile
+
+import colossalai
+import torch
+import torch.distributed as dist
+
+from benchmarks.step_benchmark import (SIZES, in_millions_or_billions, new_model, parameter_count, parse_configuration,
+                                       plugin_settings)
+from checkpoint import TrainingState, save_checkpoint
+from devices import init_distributed
+from evaluation import cross_entropy
+from plugins import Boosted, Topology, build_booster, build_optimizer, forward_backward
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configuration", default="torch_ddp",
+                        help="a plugin, with what it offloads if anything: torch_ddp, gemini:all, low_level_zero:optimizer")
+    parser.add_argument("--model_size", default="B/16", help=f"one of {', '.join(SIZES)}")
+    parser.add_argument("--batch_size", type=int, default=8, help="of the one training step before the checkpoints")
+    parser.add_argument("--repeats", type=int, default=2, help="checkpoints written, one after another")
+    parser.add_argument("--output_path", default=None, help="where they are written (default: a temporary folder)")
+    parser.add_argument("--max_gpu_memory_gib", type=float, default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N functions that took longest in the last checkpoint")
+    parser.add_argument("--json", default=None, help="where the figures are also written")
+    args = parser.parse_args()
+    if args.model_size not in SIZES:
+        parser.error(f"unknown --model_size {args.model_size}; choose from {', '.join(SIZES)}")
+    return args
+
+
+def trained_one_step(configuration, size, batch_size, device):
+    """The example's booster, model, optimizer and scheduler for `configuration`, after one training step."""
+    from colossalai.nn.lr_scheduler import CosineAnnealingWarmupLR
+    settings = plugin_settings(parse_configuration(configuration))
+    model, image_size = new_model(size, True, "cpu" if settings.offload != "none" else device)
+    plugin, booster = build_booster(model, settings, device)
+    optimizer = build_optimizer(model, settings, learning_rate=1e-4, weight_decay=0.5)
+    lr_scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=10, warmup_steps=1)
+    model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+    boosted = Boosted(model, optimizer, lr_scheduler, booster, Topology(plugin))
+    model.train()
+    batch = {"pixel_values": torch.randn(batch_size, 3, image_size, image_size, device=device),
+             "labels": torch.randint(0, 3, (batch_size,), device=device)}
+    forward_backward(boosted, batch, cross_entropy, backward=True)
+    optimizer.step()
+    optimizer.zero_grad()
+    return boosted, settings.plugin
+
+
+def main():
+    args = parse_args()
+    device = init_distributed(seed=0, max_gpu_memory_gib=args.max_gpu_memory_gib)
+    boosted, plugin = trained_one_step(args.configuration, args.model_size, args.batch_size, device)
+    reporting = dist.get_rank() == 0
+    checkpoints, profiler = [], cProfile.Profile()
+    with tempfile.TemporaryDirectory() as scratch:
+        state = TrainingState()
+        for repeat in range(args.repeats):
+            state.global_step = repeat + 1
+            last = repeat == args.repeats - 1 and args.profile
+            if last:
+                profiler.enable()
+            checkpoints.append(save_checkpoint(boosted, state, args.output_path or scratch, keep=1, plugin=plugin))
+            if last:
+                profiler.disable()
+    if not reporting:
+        return
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{device_name} x {dist.get_world_size()}, torch {torch.__version__}, colossalai {colossalai.__version__}: "
+          f"{args.configuration}, ViT-{args.model_size} ({in_millions_or_billions(parameter_count(args.model_size))} "
+          "parameters)\n")
+    print("| checkpoint at step | seconds | GiB | GiB/s |")
+    print("| --- | --- | --- | --- |")
+    for cost in checkpoints:
+        print(f"| {cost['step']} | {cost['seconds']:.2f} | {cost['gib']:.2f} | {cost['gib'] / cost['seconds']:.2f} |")
+    if args.profile:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)
+        print("\nthe last checkpoint, by cumulative time:\n" + text.getvalue())
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"configuration": args.configuration, "model": args.model_size,
+                       "parameters": parameter_count(args.model_size), "device": device_name,
+                       "gpus": dist.get_world_size(), "torch": torch.__version__,
+                       "colossalai": colossalai.__version__, "date": datetime.date.today().isoformat(),
+                       "checkpoints": checkpoints}, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
