@@ -77,3 +77,17 @@ def test_the_lora_table_is_its_raw_data():
                         str(row["batch_size_per_gpu"]), row["result"], cell(row["images_per_second"], ".1f"),
                         cell(row["step_ms"], ".0f"), cell(row["peak_gib"], ".2f"), cell(row["resident_gib"], ".2f"),
                         cell(row["peak_host_gib"], ".2f")] for row in rows]
+
+
+def test_the_startup_table_is_its_raw_data():
+    import json
+    variants = json.loads((REPORT.parent / "startup.json").read_text())["variants"]
+    section = REPORT.read_text().split("## Start-up\n")[1].split("\n## ")[0]
+    printed = [line.strip("| ").split(" | ") for line in section.splitlines()
+               if line.startswith("| ") and not line.startswith(("| variant", "| ---"))]
+
+    def cell(seconds):
+        return "-" if seconds is None else f"{seconds:.2f}"
+    assert printed == [[name, cell(row["wall_seconds"]), cell(row["cpu_seconds"]),
+                        cell(row["import_seconds"]["bitsandbytes"]), cell(row["import_seconds"]["sklearn"])]
+                       for name, row in variants.items()]
