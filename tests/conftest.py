@@ -5,10 +5,14 @@ Hugging Face hub (`beans`, written out as split/label/image; `facebook/deit-tiny
 TEST_DATA_CACHE (default ~/.cache/vit-finetuning-tests). Where they cannot be downloaded, the tests stop with one
 line saying why and what to set. Once the data is local, the runs the tests start never ask the hub (HF_HUB_OFFLINE).
 """
+import fcntl
 import os
 import shutil
+import socket
+import tempfile
 from pathlib import Path
 
+import pytest
 from colossalai.testing import free_port
 from datasets import ClassLabel, Dataset, Features, Value
 from datasets import Image as ImageFeature
@@ -71,6 +75,19 @@ def example_env(gpu=False, **variables):
     CPU tests' runs see no GPU on a machine that has one too (GPUNUM=2 would want two there); `gpu` shows it."""
     env = {**os.environ, "MASTER_PORT": str(free_port()), **{name: str(value) for name, value in variables.items()}}
     return env if gpu else {**env, "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture
+def default_port_taken():
+    """The default rendezvous port, 29500, held as another job on the machine would hold it, by one test at a time
+    (a lock file orders the tests that take it when several run at once, pytest -n): returns the port."""
+    with open(os.path.join(tempfile.gettempdir(), "vit-finetuning-tests-port-29500.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        with socket.socket() as busy:
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a finished run's closing connections
+            busy.bind(("", 29500))
+            busy.listen()
+            yield 29500
 
 
 def pytest_configure(config):

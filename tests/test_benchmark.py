@@ -3,7 +3,6 @@ in the same run."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -33,17 +32,13 @@ def test_benchmark_times_the_reference_and_the_plugin_in_one_run(tmp_path):
         assert "aten::mm" in profile and "Optimizer.step#AdamW.step" in profile
 
 
-def test_memory_mode_walks_the_sizes_down_until_one_trains(tmp_path):
+def test_memory_mode_walks_the_sizes_down_until_one_trains(tmp_path, default_port_taken):
     output = tmp_path / "largest.json"
     env = example_env(LARGEST=1, MODEL_SIZES="tiny,22B/14,B/16", BATCH_SIZES=2, STEPS=1, WARMUP_STEPS=1, OUTPUT=output)
-    env.pop("MASTER_PORT")  # the default, taken below
+    env.pop("MASTER_PORT")  # the default, which another run on the machine holds
     host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    with socket.socket() as busy:  # another run on the machine holding the default rendezvous port
-        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a finished run's closing connections do not count
-        busy.bind(("", 29500))
-        busy.listen()
-        run = subprocess.run(["bash", "benchmarks/run_step_benchmark.sh"], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=600)
+    run = subprocess.run(["bash", "benchmarks/run_step_benchmark.sh"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = json.loads(output.read_text())
     # each size in a process of its own, from the largest down; 22B/14 is not tried, needing 16 bytes a parameter

@@ -3,7 +3,6 @@ torchrun, plain python (the default for one), paths with spaces through each, an
 works and of one that fails."""
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -147,25 +146,21 @@ def test_starting_leaves_pytorch_s_compiler_unloaded_and_enabled():
         assert run.stdout.strip() == str(setting)
 
 
-def test_a_second_job_on_the_machine_runs_alone_or_is_told_which_port_to_change(spaced, tmp_path):
+def test_a_second_job_on_the_machine_runs_alone_or_is_told_which_port_to_change(spaced, tmp_path, default_port_taken):
     """Another job holds the default rendezvous port: one process needs none and trains; several stop in one line."""
-    with socket.socket() as busy:
-        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        busy.bind(("127.0.0.1", 29500))
-        busy.listen()
-        for processes in (1, 2):
-            env = example_env(**{**SETTINGS, "EPOCH": 1}, GPUNUM=processes, DATASET=spaced["DATASET"], MODEL=MODEL_DIR,
-                              OUTPUT_PATH=tmp_path / f"model_{processes}")
-            del env["MASTER_PORT"]
-            run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                 timeout=600)
-            if processes == 1:
-                assert run.returncode == 0, run.stderr[-3000:]
-                assert (tmp_path / "model_1" / "results.json").exists()
-            else:
-                assert run.returncode == 1 and run.stdout == ""
-                assert run.stderr == ("error: port 29500 on 127.0.0.1 is taken, by another job perhaps; set MASTER_PORT "
-                                      "to a free one\n")
+    for processes in (1, 2):
+        env = example_env(**{**SETTINGS, "EPOCH": 1}, GPUNUM=processes, DATASET=spaced["DATASET"], MODEL=MODEL_DIR,
+                          OUTPUT_PATH=tmp_path / f"model_{processes}")
+        del env["MASTER_PORT"]
+        run = subprocess.run(["bash", "run_finetuning.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+        if processes == 1:
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert (tmp_path / "model_1" / "results.json").exists()
+        else:
+            assert run.returncode == 1 and run.stdout == ""
+            assert run.stderr == (f"error: port {default_port_taken} on 127.0.0.1 is taken, by another job perhaps; "
+                                  "set MASTER_PORT to a free one\n")
 
 
 def test_the_launchers_note_about_a_missing_cuda_runtime_is_not_passed_on():
