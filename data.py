@@ -14,15 +14,12 @@ from datasets.data_files import SPLIT_KEYWORDS
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
 from errors import RunError
+from hub import looks_like_path
 
 REQUIRED_SPLITS = ("train", "validation")
 SHARD_EXTENSIONS = (".parquet", ".arrow")
 ACCEPTED_LAYOUTS = ("split/label/image folders (train/healthy/1.jpg), a hub dataset snapshot with parquet or arrow "
                     "shards (data/train-00000-of-00001.parquet), or a DatasetDict saved with save_to_disk")
-
-
-def looks_like_path(dataset):
-    return dataset.startswith((os.sep, ".", "~")) or os.path.exists(dataset)
 
 
 def load_splits(dataset, image_column=None, label_column=None):

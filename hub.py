@@ -1,5 +1,13 @@
-"""Whether the Hugging Face hub can be reached, asked once, quickly, before anything is downloaded from it."""
+"""What comes from the Hugging Face hub, and whether the hub can be reached, asked quickly, before anything is
+downloaded from it."""
+import os
+
 from errors import RunError
+
+
+def looks_like_path(name):
+    """Whether a dataset or model name is a local path (read where it is) rather than a hub id."""
+    return name.startswith((os.sep, ".", "~")) or os.path.exists(name)
 
 
 def unreachable_reason(timeout_seconds=5):
@@ -16,11 +24,11 @@ def unreachable_reason(timeout_seconds=5):
     return None
 
 
-def check_reachable(downloads):
-    """Stops with one line when `downloads` (what must come from the hub, such as "dataset 'beans'") cannot: the
-    libraries would retry for half a minute, a warning each time, before failing."""
-    reason = downloads and unreachable_reason()
+def check_reachable(kind, name, flag):
+    """Stops with one line when `name`, the hub id of the `kind` of thing the `flag` names (not a local path, which
+    is read where it is), must come from the hub and cannot: the libraries would retry for half a minute, a warning
+    each time, before failing."""
+    reason = not looks_like_path(name) and unreachable_reason()
     if reason:
-        raise RunError(f"cannot download {' and '.join(downloads)}: {reason}; pass local copies (--dataset, "
-                       "--model_name_or_path), or set HF_HUB_OFFLINE=1 to use copies already in the Hugging Face "
-                       "cache")
+        raise RunError(f"cannot download {kind} '{name}': {reason}; pass a local copy ({flag} /path/to/it), or set "
+                       "HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache")

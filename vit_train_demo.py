@@ -27,7 +27,7 @@ import hub
 import reporting
 import startup
 from args import parse_demo_args, plugin_settings
-from data import label_names, load_splits, looks_like_path, random_subsets
+from data import label_names, load_splits, random_subsets
 from devices import copied_to_host, init_distributed, out_of_memory_named, peak_memory, sum_over_ranks
 from errors import RunError
 from evaluation import evaluate
@@ -134,15 +134,14 @@ def main():
     clock.lap("distributed")
 
     # Data: the splits, their labels, and a random subset of each for a quick trial
-    hub.check_reachable([f"{kind} '{name}'" for kind, name in (("dataset", args.dataset),
-                                                                ("model", args.model_name_or_path))
-                         if not looks_like_path(name)])
+    hub.check_reachable("dataset", args.dataset, "--dataset")
     splits = load_splits(args.dataset, args.image_column, args.label_column)
     names = label_names(splits, args.dataset)
     splits = random_subsets(splits, args.max_train_samples, args.max_eval_samples, args.seed)
     clock.lap("dataset")
 
     # Model: the pretrained image classifier with a new head for the dataset's labels
+    hub.check_reachable("model", args.model_name_or_path, "--model_name_or_path")
     settings = plugin_settings(args)
     image_processor, model = load_model(args.model_name_or_path, names, settings, args.image_size,
                                         args.grad_checkpoint)

@@ -25,10 +25,10 @@ def run_finetuning(output_path, gpu=False, **variables):
     return run, json.loads((output_path / "results.json").read_text())
 
 
-def run_demo(dataset, output_path, *flags, env=None):
+def run_demo(dataset, output_path, *flags, env=None, model=MODEL_DIR):
     """vit_train_demo.py in one process on the CPU with torch_ddp and the stand-in model, as a user starts it."""
     return subprocess.run([sys.executable, "vit_train_demo.py", "--plugin", "torch_ddp", "--dataset", str(dataset),
-                           "--model_name_or_path", str(MODEL_DIR), "--output_path", str(output_path), *flags],
+                           "--model_name_or_path", str(model), "--output_path", str(output_path), *flags],
                           cwd=ROOT, env=env or example_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -187,17 +187,25 @@ def test_predict_serves_full_size_photos_as_training_measured_them(tmp_path):
         results["epochs"][-1]["validation"]["confusion_matrix"]
 
 
-def test_an_unreachable_hub_is_said_at_once_in_one_line(tmp_path):
+@pytest.mark.parametrize("dataset, model, line", [
+    ("beans", MODEL_DIR, "cannot download dataset 'beans': the Hugging Face hub at http://127.0.0.1:9 cannot be "
+     "reached (ConnectionError); pass a local copy (--dataset /path/to/it), or set HF_HUB_OFFLINE=1 to use a copy "
+     "already in the Hugging Face cache"),
+    (BEANS_DIR, "google/vit-base-patch16-224", "cannot download model 'google/vit-base-patch16-224': the Hugging Face "
+     "hub at http://127.0.0.1:9 cannot be reached (ConnectionError); pass a local copy (--model_name_or_path "
+     "/path/to/it), or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache"),
+    # a local dataset that is not there is said first, before the hub is asked for the model
+    ("/no/such/beans", "google/vit-base-patch16-224", "dataset directory /no/such/beans does not exist"),
+], ids=["hub dataset", "hub model", "missing local dataset, hub model"])
+def test_an_unreachable_hub_is_said_at_once_in_one_line(tmp_path, dataset, model, line):
     """A hub id and no way to the hub (an endpoint that refuses connections), as behind a firewall without
-    HF_HUB_OFFLINE: one line naming what could not be downloaded, not the libraries' retries."""
+    HF_HUB_OFFLINE: one line naming what could not be downloaded and the flag that takes a local copy, not the
+    libraries' retries."""
     env = {name: value for name, value in example_env(HF_ENDPOINT="http://127.0.0.1:9").items()
            if name != "HF_HUB_OFFLINE"}
-    run = run_demo("beans", tmp_path / "model", env=env)
+    run = run_demo(dataset, tmp_path / "model", env=env, model=model)
     assert run.returncode == 1 and run.stdout == ""
-    assert run.stderr.splitlines() == [
-        "error: cannot download dataset 'beans': the Hugging Face hub at http://127.0.0.1:9 cannot be reached "
-        "(ConnectionError); pass local copies (--dataset, --model_name_or_path), or set HF_HUB_OFFLINE=1 to use "
-        "copies already in the Hugging Face cache"]
+    assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith(f"error: {line}"), run.stderr
 
 
 def test_a_shard_that_cannot_be_read_is_said_in_one_line(tmp_path):
