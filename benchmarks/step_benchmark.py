@@ -60,6 +60,9 @@ SIZES = {"tiny": (64, 2, 128, 2, 8), "B/16": (768, 12, 3072, 12, 16), "L/16": (1
          "8B/14": (4096, 40, 16384, 32, 14), "12B/14": (5120, 40, 20480, 40, 14), "22B/14": (6144, 48, 24576, 48, 14)}
 
 
+# NVIDIA's datasheet peaks of dense bf16 matrix maths per GPU, which model FLOPs utilisation is measured against
+BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
 Configuration = collections.namedtuple("Configuration", "setup plugin offload fraction adapters precision parts")
 ADAPTERS = ("", "lora", "qlora")
 LORA_RANK = 16  # on the attention's query and value, the training script's default targets
@@ -140,6 +143,22 @@ def vit_config(size):
     return ViTConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=mlp, num_attention_heads=heads,
                      patch_size=patch, image_size=32 if size == "tiny" else 224, num_labels=3,
                      attn_implementation="sdpa")
+
+
+def training_flops_per_image(size):
+    """The model FLOPs of one image's training step: 3 times the forward pass's matrix products (patch embedding,
+    attention, MLP), as model FLOPs utilisation counts them (activations recomputed in the backward pass are not)."""
+    hidden, layers, mlp, heads, patch = SIZES[size]
+    patches = (vit_config(size).image_size // patch) ** 2
+    tokens = patches + 1  # and the class token
+    embedding = 2 * patches * 3 * patch**2 * hidden
+    layer = 2 * tokens * (4 * hidden**2 + 2 * hidden * mlp) + 2 * 2 * tokens**2 * hidden  # projections, MLP; QK^T, AV
+    return 3 * (embedding + layers * layer)
+
+
+def peak_flops(device_name):
+    """The GPU's bf16 peak FLOPs per second (BF16_PEAK_FLOPS), or None for a device not listed."""
+    return next((flops for name, flops in BF16_PEAK_FLOPS.items() if name in device_name), None)
 
 
 def parameter_count(size):
@@ -315,6 +334,7 @@ def time_configurations(args):
     world_size = dist.get_world_size()
     reporting = dist.get_rank() == 0
     configurations = [name for name in args.configurations if is_colossalai(name) or world_size == 1]
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     rows = []
     for size in args.model_sizes:
         for batch_size in args.batch_sizes:
@@ -324,9 +344,15 @@ def time_configurations(args):
                 images_per_second = batch_size * world_size / seconds if seconds else None
                 if name == "torch":
                     eager_images_per_second = images_per_second
+                # LoRA's frozen weights skip their gradients' products: its model FLOPs are not these
+                full = images_per_second and not parse_configuration(name).adapters
+                model_flops = full and images_per_second / world_size * training_flops_per_image(size)
                 rows.append({"configuration": name, "model": size, "parameters": parameter_count(size),
                              "gpus": world_size, "batch_size_per_gpu": batch_size,
                              "images_per_second": images_per_second, "step_ms": seconds and seconds * 1000,
+                             "model_tflops_per_second": model_flops / 1e12 if model_flops else None,
+                             "mfu": model_flops / peak_flops(device_name)
+                             if model_flops and peak_flops(device_name) else None,
                              "result": "trains" if seconds else "out of GPU memory", "peak_gib": peak_gib,
                              "resident_gib": resident_gib,
                              "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -339,7 +365,6 @@ def time_configurations(args):
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if dist.get_backend() == "nccl":  # (gloo's can deadlock in its destructor: see the end of vit_train_demo.main)
         dist.destroy_process_group()
     return rows if reporting else None, device_name, world_size
@@ -389,6 +414,7 @@ def find_largest(args):
             parameters = parameter_count(size)
             row = {"configuration": name, "model": size, "parameters": parameters, "gpus": 1,
                    "batch_size_per_gpu": args.batch_sizes[0], "images_per_second": None, "step_ms": None,
+                   "model_tflops_per_second": None, "mfu": None,
                    "peak_gib": None, "resident_gib": None, "peak_host_gib": None, "vs_eager_reference": None}
             too_large = memory_needed(name, parameters, args.max_gpu_memory_gib)
             if too_large:
@@ -476,15 +502,16 @@ def main():
     print(f"\n{device_name} x {world_size}{cap}, torch {torch.__version__}, colossalai {colossalai.__version__}, "
           f"{args.steps} steps after {args.warmup_steps} warm-up"
           f"{', gradient checkpointing' if args.grad_checkpoint else ''}\n")
-    print("| configuration | ViT | parameters | GPUs | batch per GPU | result | images/s | step ms | peak GPU GiB | "
-          "GPU GiB between steps | peak host GiB | vs eager reference |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| configuration | ViT | parameters | GPUs | batch per GPU | result | images/s | step ms | model TFLOP/s per "
+          "GPU | MFU | peak GPU GiB | GPU GiB between steps | peak host GiB | vs eager reference |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['configuration']} | {row['model']} | {in_millions_or_billions(row['parameters'])} | {row['gpus']} | "
               f"{row['batch_size_per_gpu']} | {row['result']} | " +
               " | ".join(f"{row[key]:{form}}" if row[key] is not None else "-" for key, form in
-                         (("images_per_second", ".1f"), ("step_ms", ".1f"), ("peak_gib", ".2f"), ("resident_gib", ".2f"),
-                          ("peak_host_gib", ".2f"), ("vs_eager_reference", ".2f"))) + " |")
+                         (("images_per_second", ".1f"), ("step_ms", ".1f"), ("model_tflops_per_second", ".1f"),
+                          ("mfu", ".1%"), ("peak_gib", ".2f"), ("resident_gib", ".2f"), ("peak_host_gib", ".2f"),
+                          ("vs_eager_reference", ".2f"))) + " |")
     lines = summary(rows)
     if args.largest:
         print("\n" + "\n".join(lines))

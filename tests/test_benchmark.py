@@ -6,6 +6,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import ViTForImageClassification
+
+from benchmarks.step_benchmark import peak_flops, training_flops_per_image, vit_config
 from conftest import MODEL_DIR, ROOT, example_env
 
 
@@ -26,10 +32,31 @@ def test_benchmark_times_the_reference_and_the_plugin_in_one_run(tmp_path):
                                f"{row['images_per_second']:.1f} | {row['step_ms']:.1f} |")
         assert line.endswith(f" | {row['vs_eager_reference']:.2f} |")
     assert [row["vs_eager_reference"] for row in table["rows"][::3]] == [1, 1]  # the references, against themselves
+    for row in table["rows"]:  # model FLOPs of full fine-tuning only; utilisation needs a GPU's known peak
+        full = row["configuration"] != "torch_ddp+lora"
+        assert (row["model_tflops_per_second"] is not None) == full and row["mfu"] is None
+        if full:
+            assert row["model_tflops_per_second"] == pytest.approx(
+                row["images_per_second"] * training_flops_per_image("tiny") / 1e12)
     for configuration, batch_size in rows:  # the profiled steps ran the model and the optimizer
         profile = (tmp_path / "profiles" / f"{configuration.replace('+', '_')}_tiny_b{batch_size}.txt").read_text()
         assert profile.startswith("per step, under the profiler:")
         assert "aten::mm" in profile and "Optimizer.step#AdamW.step" in profile
+
+
+@pytest.mark.parametrize("size", ["tiny", "B/16"])
+def test_training_flops_are_three_forward_passes_as_pytorch_counts_them(size):
+    """The model FLOPs behind the benchmark's utilisation: 3 forward passes, each as PyTorch's FLOP counter counts a
+    ViT of that size (eager attention, whose products it sees), less the 3-label head."""
+    config = vit_config(size)
+    config._attn_implementation = "eager"
+    model = ViTForImageClassification(config).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, config.image_size, config.image_size))
+    head = 2 * config.hidden_size * 3
+    assert training_flops_per_image(size) == 3 * (counter.get_total_flops() - head)
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("cpu") is None
 
 
 def test_memory_mode_walks_the_sizes_down_until_one_trains(tmp_path, default_port_taken):
