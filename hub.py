@@ -1,5 +1,6 @@
 """What comes from the Hugging Face hub, and whether the hub can be reached, asked quickly, before anything is
 downloaded from it."""
+import functools
 import os
 
 from errors import RunError
@@ -10,6 +11,7 @@ def looks_like_path(name):
     return name.startswith((os.sep, ".", "~")) or os.path.exists(name)
 
 
+@functools.cache  # asked once a run, for the dataset and the model alike
 def unreachable_reason(timeout_seconds=5):
     """Why the hub cannot be reached from here, or None. Not asked with HF_HUB_OFFLINE set, where the libraries
     read the local Hugging Face cache instead."""

@@ -18,12 +18,10 @@ import colossalai
 import torch
 import torch.distributed as dist
 
-from benchmarks.step_benchmark import (SIZES, in_millions_or_billions, new_model, parameter_count, parse_configuration,
-                                       plugin_settings)
+from benchmarks.step_benchmark import (SIZES, boosted_model, in_millions_or_billions, parameter_count,
+                                       parse_configuration, train_step)
 from checkpoint import TrainingState, save_checkpoint
 from devices import init_distributed
-from evaluation import cross_entropy
-from plugins import Boosted, Topology, build_booster, build_optimizer, forward_backward
 
 
 def parse_args():
@@ -47,26 +45,19 @@ def parse_args():
 def trained_one_step(configuration, size, batch_size, device):
     """The example's booster, model, optimizer and scheduler for `configuration`, after one training step."""
     from colossalai.nn.lr_scheduler import CosineAnnealingWarmupLR
-    settings = plugin_settings(parse_configuration(configuration))
-    model, image_size = new_model(size, True, "cpu" if settings.offload != "none" else device)
-    plugin, booster = build_booster(model, settings, device)
-    optimizer = build_optimizer(model, settings, learning_rate=1e-4, weight_decay=0.5)
-    lr_scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=10, warmup_steps=1)
-    model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
-    boosted = Boosted(model, optimizer, lr_scheduler, booster, Topology(plugin))
-    model.train()
-    batch = {"pixel_values": torch.randn(batch_size, 3, image_size, image_size, device=device),
-             "labels": torch.randint(0, 3, (batch_size,), device=device)}
-    forward_backward(boosted, batch, cross_entropy, backward=True)
-    optimizer.step()
-    optimizer.zero_grad()
-    return boosted, settings.plugin
+    boosted, image_size = boosted_model(configuration, size, True, device,
+                                        lambda optimizer: CosineAnnealingWarmupLR(optimizer, total_steps=10,
+                                                                                  warmup_steps=1))
+    train_step(boosted, torch.randn(batch_size, 3, image_size, image_size, device=device),
+               torch.randint(0, 3, (batch_size,), device=device))
+    return boosted
 
 
 def main():
     args = parse_args()
     device = init_distributed(seed=0, max_gpu_memory_gib=args.max_gpu_memory_gib)
-    boosted, plugin = trained_one_step(args.configuration, args.model_size, args.batch_size, device)
+    boosted = trained_one_step(args.configuration, args.model_size, args.batch_size, device)
+    plugin = parse_configuration(args.configuration).plugin
     reporting = dist.get_rank() == 0
     checkpoints, profiler = [], cProfile.Profile()
     with tempfile.TemporaryDirectory() as scratch:

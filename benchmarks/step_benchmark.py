@@ -21,6 +21,7 @@ GPUs.
 import argparse
 import collections
 import datetime
+import functools
 import gc
 import importlib.util
 import json
@@ -207,30 +208,36 @@ def reference_step_function(name, size, args, device):
     return step, image_size
 
 
-def plugin_step_function(name, size, args, device):
-    """One training step of the example with its settings for the plugin (and offload) `name`."""
+def boosted_model(name, size, grad_checkpoint, device, schedule=None):
+    """The example's booster, model and optimizer (and the learning-rate scheduler `schedule` builds for the
+    optimizer, if given) for the plugin configuration `name` and a ViT of `size`, and the model's image size."""
     settings = plugin_settings(parse_configuration(name))
     # offloading plugins place the weights themselves, and LoRA moves them once held in 16 or 4 bits: built on the
     # host, the model in fp32 never has to fit on the GPU
     on_host = settings.offload != "none" or settings.lora_rank
-    model, image_size = new_model(size, args.grad_checkpoint, "cpu" if on_host else device)
+    model, image_size = new_model(size, grad_checkpoint, "cpu" if on_host else device)
     plugin, booster = build_booster(model, settings, device)
     if settings.lora_rank:  # the training script's defaults: alpha the rank, dropout 0.1
         model = with_lora(model, booster, settings.lora_rank, None, 0.1, "query,value", settings.lora_quantize,
                           autocast_dtype(settings))
-    topology = Topology(plugin)
-    model, optimizer, *_ = booster.boost(model, build_optimizer(model, settings, learning_rate=1e-4,
-                                                                weight_decay=0.5))
-    boosted = Boosted(model, optimizer, None, booster, topology)
+    optimizer = build_optimizer(model, settings, learning_rate=1e-4, weight_decay=0.5)
+    model, optimizer, _, _, lr_scheduler = booster.boost(model, optimizer,
+                                                         lr_scheduler=schedule(optimizer) if schedule else None)
     model.train()
+    return Boosted(model, optimizer, lr_scheduler, booster, Topology(plugin)), image_size
 
-    def step(pixel_values, labels):
-        batch = {"pixel_values": pixel_values, "labels": labels}
-        forward_backward(boosted, batch, cross_entropy, backward=True)
-        optimizer.step()
-        optimizer.zero_grad()
 
-    return step, image_size
+def train_step(boosted, pixel_values, labels):
+    """One training step of the example: forward, backward and the optimizer's step."""
+    forward_backward(boosted, {"pixel_values": pixel_values, "labels": labels}, cross_entropy, backward=True)
+    boosted.optimizer.step()
+    boosted.optimizer.zero_grad()
+
+
+def plugin_step_function(name, size, args, device):
+    """One training step of the example with its settings for the plugin (and offload) `name`."""
+    boosted, image_size = boosted_model(name, size, args.grad_checkpoint, device)
+    return functools.partial(train_step, boosted), image_size
 
 
 def deepspeed_step_function(name, size, args, device):
@@ -335,6 +342,7 @@ def time_configurations(args):
     reporting = dist.get_rank() == 0
     configurations = [name for name in args.configurations if is_colossalai(name) or world_size == 1]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = peak_flops(device_name)
     rows = []
     for size in args.model_sizes:
         for batch_size in args.batch_sizes:
@@ -351,8 +359,7 @@ def time_configurations(args):
                              "gpus": world_size, "batch_size_per_gpu": batch_size,
                              "images_per_second": images_per_second, "step_ms": seconds and seconds * 1000,
                              "model_tflops_per_second": model_flops / 1e12 if model_flops else None,
-                             "mfu": model_flops / peak_flops(device_name)
-                             if model_flops and peak_flops(device_name) else None,
+                             "mfu": model_flops / peak if model_flops and peak else None,
                              "result": "trains" if seconds else "out of GPU memory", "peak_gib": peak_gib,
                              "resident_gib": resident_gib,
                              "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

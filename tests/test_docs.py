@@ -12,6 +12,11 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FIGURE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?x|\d+(?:\.\d+)? (?:s|images/s|GiB)|0\.\d{4})(?!\w|\.\d)")
 
 
+def report_section(title):
+    """The report's section under the heading `title`, up to the next one."""
+    return REPORT.read_text().split(f"## {title}\n")[1].split("\n## ")[0]
+
+
 def prose(page):
     """The page without its fenced code blocks (commands and sample output, not quoted figures)."""
     return re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
@@ -35,7 +40,7 @@ def test_the_streaming_table_is_its_raw_data():
     """Each row of the report's streaming table holds the figures streaming.json keeps for that run."""
     import json
     runs = json.loads((REPORT.parent / "streaming.json").read_text())["runs"]
-    section = REPORT.read_text().split("## Streaming\n")[1].split("\n## ")[0]
+    section = report_section("Streaming")
     rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in section.splitlines()
                                           if line.startswith("| example") or line.startswith("| Hugging Face"))}
     assert sorted(rows) == sorted(runs)
@@ -51,7 +56,7 @@ def test_the_modes_table_is_its_raw_data():
     import json
     import statistics
     modes = json.loads((REPORT.parent / "modes.json").read_text())
-    section = REPORT.read_text().split("## Fine-tuning modes\n")[1].split("\n## ")[0]
+    section = report_section("Fine-tuning modes")
     rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in section.splitlines()
                                           if line.startswith("| ") and not line.startswith(("| mode", "| ---")))}
     assert sorted(rows) == sorted(modes)
@@ -68,7 +73,7 @@ def test_the_lora_table_is_its_raw_data():
     size."""
     import json
     rows = json.loads((REPORT.parent / "lora_largest.json").read_text())["rows"]
-    section = REPORT.read_text().split("## LoRA and QLoRA on large models\n")[1].split("\n## ")[0]
+    section = report_section("LoRA and QLoRA on large models")
     printed = [line.strip("| ").split(" | ") for line in section.splitlines() if line.startswith("| torch_ddp")]
 
     def cell(value, form):
@@ -82,7 +87,7 @@ def test_the_lora_table_is_its_raw_data():
 def test_the_startup_table_is_its_raw_data():
     import json
     variants = json.loads((REPORT.parent / "startup.json").read_text())["variants"]
-    section = REPORT.read_text().split("## Start-up\n")[1].split("\n## ")[0]
+    section = report_section("Start-up")
     printed = [line.strip("| ").split(" | ") for line in section.splitlines()
                if line.startswith("| ") and not line.startswith(("| variant", "| ---"))]
 

@@ -293,15 +293,34 @@ def test_lora_trains_adapters_and_saves_a_merged_model_served_as_measured(tmp_pa
         results["epochs"][-1]["validation"]["confusion_matrix"]
 
 
+def with_trained_adapters(model):
+    """`model` with rank-4 LoRA adapters on query and value and its head trained in full, in eval mode, the adapters'
+    B matrices drawn as training leaves them (not the zeros they start from)."""
+    from peft import LoraConfig, get_peft_model
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["query", "value"],
+                                               modules_to_save=["classifier"])).eval()
+    torch.manual_seed(0)
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    return adapted
+
+
+def validation_pixels():
+    """Every 20th beans validation image, as the stand-in's image processor prepares it."""
+    from transformers import AutoImageProcessor
+    images = [load_image(str(path)) for path in sorted((BEANS_DIR / "validation").glob("*/*.jpg"))[::20]]
+    return AutoImageProcessor.from_pretrained(MODEL_DIR)(images, return_tensors="pt")["pixel_values"]
+
+
 def test_a_qlora_model_is_saved_as_the_full_precision_model_its_4_bit_layers_computed(tmp_path):
     """bitsandbytes holds 4-bit weights on the CPU too, though Colossal-AI quantizes only on a GPU: its conversion
     is applied here as booster.enable_lora(quantize=True) applies it, with fp32 compute for a close comparison.
     The saved merged model gives the 4-bit model's logits, adapters included, as a plain ViT."""
     from colossalai.quantization.bnb import get_keys_to_not_convert, replace_with_bnb_layers
     from colossalai.quantization.bnb_config import BnbQuantizationConfig
-    from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
 
     from models import dequantize_merged
     model = AutoModelForImageClassification.from_pretrained(MODEL_DIR, num_labels=3, ignore_mismatched_sizes=True)
@@ -309,14 +328,8 @@ def test_a_qlora_model_is_saved_as_the_full_precision_model_its_4_bit_layers_com
                                    bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
     quantized = replace_with_bnb_layers(model, config, get_keys_to_not_convert(model)).to("cpu")  # quantizes
     quantized.is_loaded_in_4bit = True
-    adapted = get_peft_model(quantized, LoraConfig(r=4, target_modules=["query", "value"],
-                                                   modules_to_save=["classifier"])).eval()
-    torch.manual_seed(0)
-    for name, parameter in adapted.named_parameters():
-        if "lora_B" in name:  # as training leaves them: not the zeros they start from
-            torch.nn.init.normal_(parameter, std=0.02)
-    images = [load_image(str(path)) for path in sorted((BEANS_DIR / "validation").glob("*/*.jpg"))[::20]]
-    pixels = AutoImageProcessor.from_pretrained(MODEL_DIR)(images, return_tensors="pt")["pixel_values"]
+    adapted = with_trained_adapters(quantized)
+    pixels = validation_pixels()
     merged = copy.deepcopy(adapted)  # untouched by a forward pass: on the CPU, bitsandbytes repacks the weights then
     with torch.no_grad():
         expected = adapted(pixel_values=pixels).logits
@@ -334,20 +347,14 @@ def test_a_qlora_model_is_saved_as_the_full_precision_model_its_4_bit_layers_com
 def test_lora_holds_frozen_layers_in_the_autocast_dtype_and_computes_the_same():
     """Under bf16 autocast a LoRA run holds its frozen linear and convolution weights in bf16, which autocast would
     cast them to in every pass: the logits are bitwise those of the model holding them in fp32, in half the bytes."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
 
     from models import hold_frozen_layers_in
-    model = AutoModelForImageClassification.from_pretrained(MODEL_DIR, num_labels=3, ignore_mismatched_sizes=True)
-    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["query", "value"],
-                                               modules_to_save=["classifier"])).eval()
-    for name, parameter in adapted.named_parameters():
-        if "lora_B" in name:  # as training leaves them: not the zeros they start from
-            torch.nn.init.normal_(parameter, std=0.02)
+    adapted = with_trained_adapters(
+        AutoModelForImageClassification.from_pretrained(MODEL_DIR, num_labels=3, ignore_mismatched_sizes=True))
     held = copy.deepcopy(adapted)
     hold_frozen_layers_in(held, torch.bfloat16)
-    images = [load_image(str(path)) for path in sorted((BEANS_DIR / "validation").glob("*/*.jpg"))[::20]]
-    pixels = AutoImageProcessor.from_pretrained(MODEL_DIR)(images, return_tensors="pt")["pixel_values"]
+    pixels = validation_pixels()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(held(pixel_values=pixels).logits, adapted(pixel_values=pixels).logits)
     dtypes = {name: parameter.dtype for name, parameter in held.named_parameters()}
