@@ -10,7 +10,7 @@ from args import layout_error
 from devices import available_host_bytes, processes_on_node
 from errors import RunError
 from plugins import PLUGINS, able
-from resolution import set_resolution, size_error
+from resolution import processor_size_error, set_resolution, size_error
 
 # host memory a parameter takes while training, per node: with offload, its fp32 weight, Adam's two states and its
 # 16-bit weight and gradient (16 bytes; a 6.48B ViT with OFFLOAD=all took 98 GiB: benchmarks/results, largest
@@ -84,6 +84,8 @@ def load_model(model_name, names, settings, image_size=None, grad_checkpoint=Fal
                                        model_name)):
             raise RunError(error)
         image_processor = transformers.AutoImageProcessor.from_pretrained(model_name, use_fast=True)
+        if error := processor_size_error(config, image_processor, model_name):
+            raise RunError(error)
         model = model_class.from_pretrained(model_name, config=config, ignore_mismatched_sizes=True)
     except (OSError, ValueError) as error:  # ValueError: a config.json transformers cannot read
         first_line = str(error).splitlines()[0]

@@ -13,6 +13,19 @@ def size_error(config, image_size, model_name):
             f"{lower or upper}{f' or {upper}' if lower else ''}")
 
 
+def processor_size_error(config, image_processor, model_name):
+    """Why a ViT's image processor cannot feed it, or None: ViT takes images of exactly its config's image_size and
+    stops at the first batch otherwise."""
+    sizes = (image_processor.crop_size if getattr(image_processor, "do_center_crop", False)
+             else image_processor.size) or {}
+    made = (sizes.get("height"), sizes.get("width"))
+    if config.model_type != "vit" or None in made or made == (config.image_size,) * 2:
+        return None
+    return (f"{model_name}: its image processor makes {made[0]}x{made[1]} images, but its config.json says the model "
+            f"takes {config.image_size}x{config.image_size} (image_size); make preprocessor_config.json's size "
+            f"{config.image_size}, or config.json's image_size {made[0]} if the weights were trained at it")
+
+
 @torch.no_grad()
 def set_resolution(model, image_processor, image_size):
     """Makes `model` (a ViTForImageClassification) and its `image_processor` work at `image_size` pixels a side:

@@ -478,6 +478,22 @@ def test_fine_tuning_at_a_higher_resolution_saves_a_model_served_at_it(tmp_path)
         results["epochs"][-1]["validation"]["confusion_matrix"]
 
 
+def test_a_vit_whose_image_processor_makes_another_size_is_refused_before_training(tmp_path):
+    """A 32-pixel ViT saved with a 224-pixel image processor: transformers' ViT would stop at the first batch."""
+    from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
+
+    model = tmp_path / "vit-32px"
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64)).save_pretrained(model)
+    AutoImageProcessor.from_pretrained(MODEL_DIR).save_pretrained(model)
+    run = run_demo(BEANS_DIR, tmp_path / "out", "--model_name_or_path", str(model))
+    assert run.returncode == 1 and "Traceback" not in run.stderr and "\ndata:" not in run.stdout
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: {model}: its image processor makes 224x224 images, but its config.json says the model takes 32x32 "
+        "(image_size); make preprocessor_config.json's size 32, or config.json's image_size 224 if the weights were "
+        "trained at it")
+
+
 def test_a_resolution_the_patches_do_not_tile_is_refused_naming_the_nearest():
     from transformers import ViTConfig
 
