@@ -146,25 +146,26 @@ def save_merged(boosted_model, output_path):
     peft_model = boosted_model.unwrap(unwrap_peft=False)
     if getattr(peft_model.base_model.model, "is_loaded_in_4bit", False):
         dequantize_merged(peft_model)
-    peft_model.float()  # frozen layers held in 16 bits (hold_frozen_layers_in) merged and saved in full precision
+    # merged on the host in full precision (frozen layers held in 16 bits by hold_frozen_layers_in too): a model
+    # that LoRA trains under a GPU memory cap may not fit it in fp32
+    peft_model.cpu().float()
     peft_model.merge_and_unload().save_pretrained(output_path, safe_serialization=True)
 
 
 def dequantize_merged(peft_model):
-    """Turns QLoRA's 4-bit linear layers back into full-precision ones, in place: each weight as bitsandbytes
-    dequantizes it in the forward pass, the adapters added to the layers they adapt in full precision (PEFT's own
-    merge would quantize the sum again)."""
+    """Turns QLoRA's 4-bit linear layers back into full-precision ones on the host, in place: each weight as
+    bitsandbytes dequantizes it in the forward pass, the adapters added to the layers they adapt in full precision
+    (PEFT's own merge would quantize the sum again)."""
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
     model = peft_model.base_model.model
 
     def replace(name, base, weight):
-        linear = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                                 device=weight.device)
-        linear.weight.data = weight.float()
+        linear = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        linear.weight = torch.nn.Parameter(weight.float().cpu())
         if base.bias is not None:
-            linear.bias.data = base.bias.data.float()
+            linear.bias = torch.nn.Parameter(base.bias.data.float().cpu())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, linear)
 
