@@ -63,26 +63,31 @@ def peak_memory(device):
 
 
 @contextlib.contextmanager
-def out_of_memory_named(model_name, parameters, batch_size, plugin, offload, offload_fraction, grad_checkpoint,
-                        max_gpu_memory_gib):
-    """Running out of GPU memory stops the run with one line naming the limit, the model size and what to try."""
+def out_of_memory_named(model_name, parameters, batch_size, settings, grad_checkpoint, max_gpu_memory_gib):
+    """Running out of GPU memory stops the run with one line naming the limit, the model size and what to try for
+    training as `settings` (plugins.PluginSettings) say."""
     try:
         yield
     except torch.OutOfMemoryError:
         limit = (f"the --max_gpu_memory_gib {max_gpu_memory_gib:g} cap" if max_gpu_memory_gib
                  else "the GPU's memory")
-        more_offload = {"none": "optimizer", "optimizer": "all", "all": None}[offload]
-        if more_offload:
+        if settings.lora_rank:  # LoRA's frozen weights have no optimizer state to offload; they can be 4-bit
+            less_memory = None if settings.lora_quantize else "--lora_quantize (frozen weights in 4 bits)"
+        elif settings.offload_fraction < 1:
+            less_memory = f"a higher --offload_fraction than {settings.offload_fraction:g}"
+        elif more_offload := {"none": "optimizer", "optimizer": "all", "all": None}[settings.offload]:
             able = ", ".join(plugins_that(lambda plugin: more_offload in plugin.offloads))
-            more_offload = f"--offload {more_offload} ({able})"
-        if offload_fraction < 1:
-            more_offload = f"a higher --offload_fraction than {offload_fraction:g}"
-        remedies = ([more_offload] * bool(more_offload) + ["--grad_checkpoint"] * (not grad_checkpoint) +
+            less_memory = f"--offload {more_offload} ({able})"
+        else:
+            less_memory = None
+        remedies = ([less_memory] * bool(less_memory) + ["--grad_checkpoint"] * (not grad_checkpoint) +
                     ["a smaller --batch_size"] + ["a higher cap"] * bool(max_gpu_memory_gib))
+        how = "".join([f" --offload {settings.offload}"] * (settings.offload != "none") +
+                      [f" and LoRA of rank {settings.lora_rank}"] * bool(settings.lora_rank) +
+                      [" over 4-bit weights"] * settings.lora_quantize)
+        remedies = f"{', '.join(remedies[:-1])} or {remedies[-1]}" if len(remedies) > 1 else remedies[0]
         raise RunError(f"out of GPU memory under {limit}, training {model_name} ({parameters / 1e6:.1f}M "
-                       f"parameters) at --batch_size {batch_size} with {plugin}"
-                       f"{f' --offload {offload}' if offload != 'none' else ''}; try "
-                       f"{', '.join(remedies[:-1])} or {remedies[-1]}") from None
+                       f"parameters) at --batch_size {batch_size} with {settings.plugin}{how}; try {remedies}") from None
 
 
 def sum_over_ranks(values, device):

@@ -153,8 +153,8 @@ def main():
             print(f"dataset {args.dataset} has no test split: skipping the test evaluation")
     clock.lap("model")
 
-    with out_of_memory_named(args.model_name_or_path, parameters, args.batch_size, args.plugin, args.offload,
-                             args.offload_fraction, args.grad_checkpoint, args.max_gpu_memory_gib):
+    with out_of_memory_named(args.model_name_or_path, parameters, args.batch_size, settings, args.grad_checkpoint,
+                             args.max_gpu_memory_gib):
         # Plugin and booster, set up while loader workers decode the images (a background thread collects them)
         plugin, booster = build_booster(model, settings, device)
         if args.lora_rank:

@@ -6,6 +6,7 @@ from transformers import ViTConfig
 
 from args import build_parser, layout_error, parse_demo_args
 from conftest import MODEL_DIR, ROOT
+from errors import RunError
 from plugins import PluginSettings, settings_error
 
 
@@ -114,7 +115,6 @@ def test_a_layout_the_model_cannot_be_split_into_is_named():
 
 
 def test_a_layout_the_model_cannot_be_split_into_is_refused_before_its_weights_are_read(tmp_path):
-    from errors import RunError
     from models import load_model
 
     for name in ("config.json", "preprocessor_config.json"):  # the weights left out: reading them would fail
@@ -256,3 +256,25 @@ def test_the_host_memory_a_run_needs_is_checked_against_what_is_available():
         "of 4 processes, reading the fp32 weights)")
     lora = PluginSettings("low_level_zero", "fp16", offload="optimizer", lora_rank=16)  # frozen: no Adam states
     assert host_memory_error(6.48e9, lora, 1, 90 * gib, "m") is None
+
+
+@pytest.mark.parametrize("settings, grad_checkpoint, cap, remedies", [
+    (PluginSettings("torch_ddp", "bf16"), False, 24, "with torch_ddp; try --offload optimizer (low_level_zero, gemini, "
+     "hybrid_parallel), --grad_checkpoint, a smaller --batch_size or a higher cap"),
+    (PluginSettings("gemini", "fp16", offload="all"), True, None, "with gemini --offload all; try a smaller "
+     "--batch_size"),
+    (PluginSettings("gemini", "fp16", offload="optimizer", offload_fraction=0.5), True, None, "with gemini --offload "
+     "optimizer; try a higher --offload_fraction than 0.5 or a smaller --batch_size"),
+    (PluginSettings("torch_ddp", "bf16", lora_rank=16), True, 24, "with torch_ddp and LoRA of rank 16; try "
+     "--lora_quantize (frozen weights in 4 bits), a smaller --batch_size or a higher cap"),
+    (PluginSettings("torch_ddp", "bf16", lora_rank=16, lora_quantize=True), True, None, "with torch_ddp and LoRA of "
+     "rank 16 over 4-bit weights; try a smaller --batch_size"),
+])
+def test_running_out_of_gpu_memory_names_what_to_try_for_the_run(settings, grad_checkpoint, cap, remedies):
+    from devices import out_of_memory_named
+
+    with pytest.raises(RunError) as stopped, out_of_memory_named("m", 6.5e9, 32, settings, grad_checkpoint, cap):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    limit = f"the --max_gpu_memory_gib {cap} cap" if cap else "the GPU's memory"
+    assert str(stopped.value) == f"out of GPU memory under {limit}, training m (6500.0M parameters) at --batch_size 32 " \
+        + remedies

@@ -139,6 +139,27 @@ def test_qlora_trains_adapters_over_4_bit_weights_and_is_served_merged_in_full_p
     check_pipeline_classifies_test_split(output_path, results, device=0)
 
 
+def test_lora_under_a_cap_its_fp32_weights_exceed_saves_the_merged_model(tmp_path):
+    """A ViT-L/16 of random weights: 1.13 GiB in fp32, more than the 1 GiB cap, 0.57 GiB in the bf16 that LoRA holds
+    its frozen weights in. The merged model is saved in fp32, which the GPU could not hold under the cap."""
+    from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
+
+    base = tmp_path / "vit-large"
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                        intermediate_size=4096)).to(torch.bfloat16).save_pretrained(base)
+    AutoImageProcessor.from_pretrained(MODEL_DIR).save_pretrained(base)
+    _, results = run_finetuning(tmp_path / "model", gpu=True, PLUGIN="torch_ddp", MODEL=base, DATASET=BEANS_DIR,
+                                EPOCH=1, BS=8, LORA_RANK=16, LR=1e-3, GRAD_CHECKPOINT=1, MAX_GPU_MEMORY_GIB=1,
+                                KEEP_CHECKPOINTS=0)
+    assert 0.5 < results["memory"]["peak_gpu_gib"] <= 1
+    merged = ViTForImageClassification.from_pretrained(tmp_path / "model")
+    assert merged.dtype == torch.float32 and merged.num_parameters() == results["config"]["num_parameters"]
+    query = "vit.encoder.layer.0.attention.attention.query.weight"
+    assert not torch.equal(merged.state_dict()[query], ViTForImageClassification.from_pretrained(base).state_dict()[
+        query])  # the adapters merged in
+
+
 @pytest.mark.parametrize("quantize", [0, 1], ids=["lora", "qlora"])
 def test_lora_and_qlora_resume_after_a_kill(tmp_path, quantize):
     check_resume_after_a_kill(tmp_path, f"torch_ddp_{'q' * quantize}lora", PLUGIN="torch_ddp", LORA_RANK=16,
