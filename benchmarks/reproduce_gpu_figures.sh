@@ -18,18 +18,18 @@
 # and with offload), then the offloading ones at ViT-G/14.
 # lora (about 8 minutes): under the same cap, the largest ViT from G/14 to 22B/14 that LoRA of rank 16 trains over
 # 16-bit and over 4-bit (QLoRA) frozen weights, at batch LORA_LARGEST_BS (16: with GRAD_ACCUM=2 a global batch of 32).
-# lora_speed (about 8 minutes): LoRA beside full fine-tuning with the best offload under the cap, at batch 32: ViT-G/14
-# against gemini OFFLOAD=optimizer, 6.5B/14 against OFFLOAD=all (the step benchmark); then LoRA at those sizes
-# through run_finetuning.sh, one epoch of DATASET, each model of random weights with MODEL's image processor.
+# lora_speed (about 9 minutes): LoRA beside full fine-tuning with the best offload under the cap, at batch 32: ViT-G/14
+# against gemini OFFLOAD=optimizer, 6.5B/14 against OFFLOAD=all (the step benchmark); then lora_runs.
+# lora_runs: LoRA through run_finetuning.sh under the cap at each of LORA_RUN_SIZES (G/14 6.5B/14), two epochs of
+# DATASET (the second's rate is the steady one), each model of random weights with MODEL's image processor.
 # checkpoints: the seconds each checkpoint stalls training and where they go (benchmarks/checkpoint_benchmark.py,
 # 25 functions of its profile): ViT-B/16 with torch_ddp and gemini, and ViT-G/14 with gemini OFFLOAD=all under the
 # cap, written into CHECKPOINT_DIR (default: under RUN_ROOT).
 # Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
 # profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log, serving_agreement.json; for
-# largest largest.json,
-# vit_g.json and their .log and _logs/; for lora lora_largest.json and its; for lora_speed lora_vit_g.json,
-# lora_6.5b.json and theirs, and lora_run_finetuning.json; for checkpoints checkpoint_<configuration>_<size>.json
-# and .log.
+# largest largest.json, vit_g.json and their .log and _logs/; for lora lora_largest.json and its; for lora_speed
+# lora_vit_g.json, lora_6.5b.json and theirs; for lora_runs lora_run_finetuning.json; for checkpoints
+# checkpoint_<configuration>_<size>.json and .log.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the example's folder, where relative paths given here are read
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
@@ -40,9 +40,9 @@ REPEATS=${REPEATS:-3}  # end_to_end: runs of the recipe and of each plugin, in t
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
 case "$PART" in
-  end_to_end | steps | both | autotune | streaming | modes | largest | lora | lora_speed | checkpoints) ;;
+  end_to_end | steps | both | autotune | streaming | modes | largest | lora | lora_speed | lora_runs | checkpoints) ;;
   *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest, lora," \
-    "lora_speed or checkpoints" >&2
+    "lora_speed, lora_runs or checkpoints" >&2
     exit 2 ;;
 esac
 # the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
@@ -323,15 +323,17 @@ if [ "$PART" = lora_speed ]; then
   python3 -c "$BUILD_KERNELS" >/dev/null  # gemini's CPU Adam, for the full fine-tuning beside LoRA
   step_table lora_vit_g "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=G/14 CONFIGURATIONS=torch_ddp+lora,gemini:optimizer
   step_table lora_6.5b "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=6.5B/14 CONFIGURATIONS=torch_ddp+lora,gemini:all
-  for size in G/14 6.5B/14; do
+fi
+if [ "$PART" = lora_speed ] || [ "$PART" = lora_runs ]; then
+  for size in ${LORA_RUN_SIZES:-G/14 6.5B/14}; do
     vit=$RUN_ROOT/vit_$(echo "$size" | tr '/.' '__')
     python3 -c "import sys
 from transformers import AutoImageProcessor
 from benchmarks.step_benchmark import new_model
 new_model(sys.argv[1], False, 'cpu')[0].bfloat16().save_pretrained(sys.argv[2])  # half the disk; read back in fp32
 AutoImageProcessor.from_pretrained(sys.argv[3]).save_pretrained(sys.argv[2])" "$size" "$vit" "$MODEL"
-    wall=$(seconds_of env PLUGIN=torch_ddp GPUNUM=1 LORA_RANK=16 LR=1e-3 GRAD_CHECKPOINT=1 EPOCH=1 KEEP_CHECKPOINTS=0 \
-      MAX_GPU_MEMORY_GIB="${CAP_GIB:-24}" MODEL="$vit" OUTPUT_PATH="${vit}_lora" bash run_finetuning.sh)
+    wall=$(seconds_of env PLUGIN=torch_ddp GPUNUM=1 LORA_RANK=16 LR=1e-3 GRAD_CHECKPOINT=1 EPOCH=2 KEEP_CHECKPOINTS=0 \
+      MAX_GPU_MEMORY_GIB="${CAP_GIB-24}" MODEL="$vit" OUTPUT_PATH="${vit}_lora" bash run_finetuning.sh)
     echo "run_finetuning.sh LORA_RANK=16, ViT-$size: $wall s"
     echo "$size ${vit}_lora $wall" >>"$RUN_ROOT/lora_walls"
     rm -r "$vit" "${vit}_lora"/model*.safetensors  # the next size's weights need the disk
@@ -342,17 +344,20 @@ import sys
 
 walls_path, summary_path = sys.argv[1:]
 runs = {}
-print("| ViT | wall s | setup s | images/s | peak GPU GiB | peak host GiB | trained parameters |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
+print("| ViT | wall s | setup s | images/s, whole run | images/s, last epoch | peak GPU GiB | peak host GiB | "
+      "trained parameters |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for line in open(walls_path):
     size, output_path, wall = line.split()
     results = json.load(open(f"{output_path}/results.json"))
     runs[size] = {"wall_seconds": float(wall), "setup_seconds": results["seconds"]["setup"],
-                  "images_per_second": results["train_images_per_second"], **results["memory"],
+                  "images_per_second": results["train_images_per_second"],
+                  "last_epoch_images_per_second": results["epochs"][-1]["images_per_second"], **results["memory"],
                   "trained_parameters": results["config"]["num_trained_parameters"],
                   "parameters": results["config"]["num_parameters"]}
     run = runs[size]
     print(f"| {size} | {run['wall_seconds']:.1f} | {run['setup_seconds']:.1f} | {run['images_per_second']:.1f} | "
+          f"{run['last_epoch_images_per_second']:.1f} | "
           f"{run['peak_gpu_gib'] or 0:.2f} | {run['peak_host_gib']:.2f} | {run['trained_parameters']} |")
 json.dump(runs, open(summary_path, "w"), indent=2)
 PY

@@ -73,7 +73,7 @@ def test_the_lora_table_is_its_raw_data():
     size."""
     import json
     rows = json.loads((REPORT.parent / "lora_largest.json").read_text())["rows"]
-    section = report_section("LoRA and QLoRA on large models")
+    section = report_section("LoRA and QLoRA on large models").split("\n### ")[0]
     printed = [line.strip("| ").split(" | ") for line in section.splitlines() if line.startswith("| torch_ddp")]
 
     def cell(value, form):
@@ -82,6 +82,26 @@ def test_the_lora_table_is_its_raw_data():
                         str(row["batch_size_per_gpu"]), row["result"], cell(row["images_per_second"], ".1f"),
                         cell(row["step_ms"], ".0f"), cell(row["peak_gib"], ".2f"), cell(row["resident_gib"], ".2f"),
                         cell(row["peak_host_gib"], ".2f")] for row in rows]
+
+
+def test_the_lora_speed_table_is_its_raw_data():
+    """Each row of the report's table of LoRA against full fine-tuning with offload holds what
+    lora_speed_<size>.json keeps, the ratio taken against the full fine-tuning of that file."""
+    import json
+    section = report_section("LoRA and QLoRA on large models").split("### LoRA against full fine-tuning with offload")[1]
+    printed = [line.strip("| ").split(" | ") for line in section.splitlines()
+               if line.startswith("| ") and not line.startswith(("| configuration", "| ---"))]
+    expected = []
+    for size in ("vit_g", "6.5b"):
+        rows = json.loads((REPORT.parent / f"lora_speed_{size}.json").read_text())["rows"]
+        full = next(row for row in rows if "+lora" not in row["configuration"])
+        for row in sorted(rows, key=lambda row: "+lora" in row["configuration"]):
+            expected.append([row["configuration"], row["model"], f"{row['parameters'] / 1e9:.2f}B",
+                             str(row["batch_size_per_gpu"]), f"{row['images_per_second']:.1f}",
+                             f"{row['images_per_second'] / full['images_per_second']:.2f}x", f"{row['step_ms']:.0f}",
+                             "-" if row["mfu"] is None else f"{row['mfu']:.1%}", f"{row['peak_gib']:.2f}",
+                             f"{row['peak_host_gib']:.2f}"])
+    assert printed == expected
 
 
 def test_the_startup_table_is_its_raw_data():
