@@ -22,6 +22,9 @@
 # against gemini OFFLOAD=optimizer, 6.5B/14 against OFFLOAD=all (the step benchmark); then lora_runs.
 # lora_runs: LoRA through run_finetuning.sh under the cap at each of LORA_RUN_SIZES (G/14 6.5B/14), two epochs of
 # DATASET (the second's rate is the steady one), each model of random weights with MODEL's image processor.
+# accuracy (about 6 minutes): the recipes of the report's accuracy table, each over ACCURACY_SEEDS (0,1,2) through
+# experiments/run_seeds.sh with torch_ddp, and the upstream example's grid (experiments/run_sweep.sh, gemini),
+# ACCURACY_JOBS (3) of them at once on the GPU (accuracy only: no timing is taken); into LOG_DIR/accuracy.json.
 # checkpoints: the seconds each checkpoint stalls training and where they go (benchmarks/checkpoint_benchmark.py,
 # 25 functions of its profile): ViT-B/16 with torch_ddp and gemini, and ViT-G/14 with gemini OFFLOAD=all under the
 # cap, written into CHECKPOINT_DIR (default: under RUN_ROOT).
@@ -29,7 +32,7 @@
 # profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log, serving_agreement.json; for
 # largest largest.json, vit_g.json and their .log and _logs/; for lora lora_largest.json and its; for lora_speed
 # lora_vit_g.json, lora_6.5b.json and theirs; for lora_runs lora_run_finetuning.json; for checkpoints
-# checkpoint_<configuration>_<size>.json and .log.
+# checkpoint_<configuration>_<size>.json and .log; for accuracy accuracy.json and accuracy_<recipe>.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the example's folder, where relative paths given here are read
 LOG_DIR=${LOG_DIR:-./benchmark_logs}
@@ -40,9 +43,10 @@ REPEATS=${REPEATS:-3}  # end_to_end: runs of the recipe and of each plugin, in t
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
 case "$PART" in
-  end_to_end | steps | both | autotune | streaming | modes | largest | lora | lora_speed | lora_runs | checkpoints) ;;
+  end_to_end | steps | both | autotune | streaming | modes | largest | lora | lora_speed | lora_runs | accuracy | \
+    checkpoints) ;;
   *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest, lora," \
-    "lora_speed, lora_runs or checkpoints" >&2
+    "lora_speed, lora_runs, accuracy or checkpoints" >&2
     exit 2 ;;
 esac
 # the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
@@ -360,6 +364,39 @@ for line in open(walls_path):
           f"{run['last_epoch_images_per_second']:.1f} | "
           f"{run['peak_gpu_gib'] or 0:.2f} | {run['peak_host_gib']:.2f} | {run['trained_parameters']} |")
 json.dump(runs, open(summary_path, "w"), indent=2)
+PY
+fi
+if [ "$PART" = accuracy ]; then
+  recipes=("published_schedule LR=1e-4 WARMUP_RATIO=0.3" "lr_2e-4 LR=2e-4 WARMUP_RATIO=0.3"
+    "lr_3e-4 LR=3e-4 WARMUP_RATIO=0.3" "default" "no_label_smoothing LABEL_SMOOTHING=0"
+    "weight_decay_0.05 WEIGHT_DECAY=0.05" "lr_4e-4 LR=4e-4 WARMUP_RATIO=0.2" "lr_5e-4 LR=5e-4 WARMUP_RATIO=0.3"
+    "lr_5e-4_no_augmentation LR=5e-4 WARMUP_RATIO=0.3 AUGMENT=0")
+  # each job one line: its name, then its variables; upstream_grid runs the upstream example's grid
+  printf '%s\n' "${recipes[@]}" "upstream_grid" | xargs -P "${ACCURACY_JOBS:-3}" -I{} bash -c '
+    read -r name settings <<<"$1"
+    command=(env PLUGIN=torch_ddp KEEP_CHECKPOINTS=0 SEEDS="$4" $settings bash experiments/run_seeds.sh)
+    [ "$name" = upstream_grid ] && command=(bash experiments/run_sweep.sh)  # gemini, the published settings
+    if ! OUTPUT_PATH="$2/accuracy_$name" "${command[@]}" >"$3/accuracy_$name.log" 2>&1; then
+      echo "error: the accuracy runs of $name failed; see $3/accuracy_$name.log" >&2
+      exit 255  # stops xargs, and this script with it
+    fi
+    echo "accuracy, $name: done"' _ {} "$RUN_ROOT" "$LOG_DIR" "${ACCURACY_SEEDS:-0,1,2}"
+python3 - "$RUN_ROOT" "$LOG_DIR/accuracy.json" "${recipes[@]}" <<'PY'
+import json
+import sys
+
+run_root, summary_path, *recipes = sys.argv[1:]
+summary = {"recipes": {}, "upstream_grid": json.load(open(f"{run_root}/accuracy_upstream_grid/sweep.json"))}
+print("| recipe | settings | validation, median (mean) | test, median (mean) |")
+print("| --- | --- | --- | --- |")
+for recipe in recipes:
+    name, *settings = recipe.split()
+    seeds = json.load(open(f"{run_root}/accuracy_{name}/summary.json"))
+    summary["recipes"][name] = {"settings": " ".join(settings), **seeds}
+    validation, test = seeds["final validation"], seeds["final test"]
+    print(f"| {name} | {' '.join(settings) or '-'} | {validation['median']:.4f} ({validation['mean']:.4f}) | "
+          f"{test['median']:.4f} ({test['mean']:.4f}) |")
+json.dump(summary, open(summary_path, "w"), indent=2)
 PY
 fi
 if [ "$PART" = checkpoints ]; then
