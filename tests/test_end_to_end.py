@@ -323,6 +323,7 @@ def test_a_qlora_model_is_saved_as_the_full_precision_model_its_4_bit_layers_com
     from transformers import AutoModelForImageClassification
 
     from models import dequantize_merged
+    torch.manual_seed(0)  # the new head and the adapters' A matrices
     model = AutoModelForImageClassification.from_pretrained(MODEL_DIR, num_labels=3, ignore_mismatched_sizes=True)
     config = BnbQuantizationConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
                                    bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
@@ -337,8 +338,13 @@ def test_a_qlora_model_is_saved_as_the_full_precision_model_its_4_bit_layers_com
         merged.merge_and_unload().save_pretrained(tmp_path / "merged", safe_serialization=True)
         served = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
         logits = served(pixel_values=pixels).logits
-    # bitsandbytes' CPU kernel rounds its sums: the logits agree to 0.012 (leaving the adapters out moves them 0.09)
-    assert (logits - expected).abs().max() < 0.03 and torch.equal(logits.argmax(1), expected.argmax(1))
+    # bitsandbytes' CPU kernel rounds its sums: the logits agree to 0.012 (leaving the adapters out moves them 0.09),
+    # and so do the predictions wherever the 4-bit model's top two logits are further apart than twice that bound
+    bound = 0.03
+    assert (logits - expected).abs().max() < bound
+    top_two = expected.topk(2, dim=1).values
+    clear = top_two[:, 0] - top_two[:, 1] > 2 * bound
+    assert clear.sum() >= 3 and torch.equal(logits.argmax(1)[clear], expected.argmax(1)[clear])
     saved = load_file(tmp_path / "merged" / "model.safetensors")
     assert not any("lora" in name or "absmax" in name for name in saved)
     assert all(tensor.dtype == torch.float32 for tensor in saved.values())
