@@ -92,12 +92,15 @@ def plugin_settings(configuration):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configurations", default=",".join(DEFAULT_CONFIGURATIONS),
-                        help=f"comma-separated, from {', '.join((*REFERENCES, *PLUGINS, *PEERS))}; a plugin may "
+    parser.add_argument("--configurations",
+                        help=f"comma-separated (default: {','.join(DEFAULT_CONFIGURATIONS)} on a GPU, "
+                        f"{','.join(CPU_CONFIGURATIONS)} on the CPU), from "
+                        f"{', '.join((*REFERENCES, *PLUGINS, *PEERS))}; a plugin may "
                         "name what it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer) or train LoRA "
                         f"adapters of rank {LORA_RANK} over 16-bit or 4-bit weights (torch_ddp+lora, torch_ddp+qlora), "
                         "and a plugin or DeepSpeed a precision other than its default (gemini:optimizer@bf16)")
-    parser.add_argument("--model_sizes", default="B/16", help=f"comma-separated, from {', '.join(SIZES)}")
+    parser.add_argument("--model_sizes", help=f"comma-separated (default: B/16 on a GPU, tiny on the CPU), from "
+                        f"{', '.join(SIZES)}")
     parser.add_argument("--batch_sizes", default="32,128", help="comma-separated batch sizes of each GPU")
     parser.add_argument("--warmup_steps", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30, help="timed steps of each configuration")
@@ -112,8 +115,10 @@ def parse_args():
     parser.add_argument("--profile", metavar="DIR",
                         help="also profile 3 steps of each configuration: DIR/<configuration>_<size>_b<batch>.txt")
     args = parser.parse_args()
-    args.configurations = args.configurations.split(",")
-    args.model_sizes = args.model_sizes.split(",")
+    on_gpu = torch.cuda.is_available()
+    args.configurations = (args.configurations or ",".join(DEFAULT_CONFIGURATIONS if on_gpu
+                                                           else CPU_CONFIGURATIONS)).split(",")
+    args.model_sizes = (args.model_sizes or ("B/16" if on_gpu else "tiny")).split(",")
     args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     for name in args.configurations:
         configuration = parse_configuration(name)
@@ -128,13 +133,12 @@ def parse_args():
                          "precision, @bf16 or @fp16")
         if is_colossalai(name):
             settings = plugin_settings(configuration)
-            on_gpu = torch.cuda.is_available()
             if error := settings_error(settings, on_gpu) or precision_error(settings, on_gpu):
                 parser.error(f"configuration {name}: {error}")
     unknown_sizes = set(args.model_sizes) - set(SIZES)
     if unknown_sizes:
         parser.error(f"unknown --model_sizes {', '.join(sorted(unknown_sizes))}; choose from {', '.join(SIZES)}")
-    if not torch.cuda.is_available() and set(args.configurations) - set(CPU_CONFIGURATIONS):
+    if not on_gpu and set(args.configurations) - set(CPU_CONFIGURATIONS):
         parser.error(f"on the CPU only --configurations {','.join(CPU_CONFIGURATIONS)} run (with --model_sizes tiny)")
     return args
 
