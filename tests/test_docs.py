@@ -89,6 +89,7 @@ def test_the_lora_speed_table_is_its_raw_data():
     lora_speed_<size>.json keeps, the ratio taken against the full fine-tuning of that file."""
     import json
     section = report_section("LoRA and QLoRA on large models").split("### LoRA against full fine-tuning with offload")[1]
+    section = section.split("Through `run_finetuning.sh`")[0]
     printed = [line.strip("| ").split(" | ") for line in section.splitlines()
                if line.startswith("| ") and not line.startswith(("| configuration", "| ---"))]
     expected = []
@@ -102,6 +103,19 @@ def test_the_lora_speed_table_is_its_raw_data():
                              "-" if row["mfu"] is None else f"{row['mfu']:.1%}", f"{row['peak_gib']:.2f}",
                              f"{row['peak_host_gib']:.2f}"])
     assert printed == expected
+
+
+def test_the_lora_run_table_is_its_raw_data():
+    """Each row of the report's table of LoRA through run_finetuning.sh holds what lora_run_finetuning.json keeps."""
+    import json
+    runs = json.loads((REPORT.parent / "lora_run_finetuning.json").read_text())
+    section = report_section("LoRA and QLoRA on large models").split("Through `run_finetuning.sh`")[1]
+    printed = [line.strip("| ").split(" | ") for line in section.splitlines()
+               if line.startswith("| ") and not line.startswith(("| ViT", "| ---"))]
+    assert printed == [[size, f"{run['wall_seconds']:.1f}", f"{run['setup_seconds']:.1f}",
+                        f"{run['images_per_second']:.1f}", f"{run['last_epoch_images_per_second']:.1f}",
+                        f"{run['peak_gpu_gib']:.2f}", f"{run['peak_host_gib']:.2f}", str(run["trained_parameters"])]
+                       for size, run in runs.items()]
 
 
 def test_the_startup_table_is_its_raw_data():
