@@ -82,7 +82,8 @@ def grad_scaler(optimizer):
 
 def save_checkpoint(boosted, state, output_path, keep, plugin):
     """Writes `boosted` (plugins.Boosted, trained with `plugin`) and `state` as checkpoint step_<global step>,
-    keeping the `keep` newest. Returns what it cost: its step, the seconds training waited for it, its size."""
+    keeping the `keep` newest. Returns what it cost: its step, the seconds training waited for it, and on the rank
+    that reports, its size."""
     start = time.perf_counter()
     booster = boosted.booster
     final = os.path.join(checkpoint_root(output_path), f"step_{state.global_step:07d}")
@@ -112,8 +113,11 @@ def save_checkpoint(boosted, state, output_path, keep, plugin):
             for old in complete_checkpoints(output_path)[:-keep]:
                 shutil.rmtree(old)
     dist.barrier()
+    seconds = time.perf_counter() - start
+    if not boosted.topology.reports:  # the size is reported once: no need for every rank to walk the folder
+        return {"step": state.global_step, "seconds": seconds, "gib": None}
     size = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(final) for name in names)
-    return {"step": state.global_step, "seconds": time.perf_counter() - start, "gib": size / 2**30}
+    return {"step": state.global_step, "seconds": seconds, "gib": size / 2**30}
 
 
 def resolve_resume(resume_from, output_path):
