@@ -65,9 +65,11 @@ def peak_memory(device):
 @contextlib.contextmanager
 def out_of_memory_named(model_name, parameters, batch_size, settings, grad_checkpoint, max_gpu_memory_gib):
     """Running out of GPU memory stops the run with one line naming the limit, the model size and what to try for
-    training as `settings` (plugins.PluginSettings) say."""
+    training as `settings` (plugins.PluginSettings) say. Yields a dict in which the run sets
+    "cached_images_gib" once it has cached its images on the GPU, which streaming them would free."""
+    gpu_use = {"cached_images_gib": 0.0}
     try:
-        yield
+        yield gpu_use
     except torch.OutOfMemoryError:
         limit = (f"the --max_gpu_memory_gib {max_gpu_memory_gib:g} cap" if max_gpu_memory_gib
                  else "the GPU's memory")
@@ -80,8 +82,10 @@ def out_of_memory_named(model_name, parameters, batch_size, settings, grad_check
             less_memory = f"--offload {more_offload} ({able})"
         else:
             less_memory = None
-        remedies = ([less_memory] * bool(less_memory) + ["--grad_checkpoint"] * (not grad_checkpoint) +
-                    ["a smaller --batch_size"] + ["a higher cap"] * bool(max_gpu_memory_gib))
+        stream = f"--data_mode stream (freeing the {gpu_use['cached_images_gib']:.2f} GiB of images cached on the GPU)"
+        remedies = ([less_memory] * bool(less_memory) + [stream] * bool(gpu_use["cached_images_gib"]) +
+                    ["--grad_checkpoint"] * (not grad_checkpoint) + ["a smaller --batch_size"] +
+                    ["a higher cap"] * bool(max_gpu_memory_gib))
         how = "".join([f" --offload {settings.offload}"] * (settings.offload != "none") +
                       [f" and LoRA of rank {settings.lora_rank}"] * bool(settings.lora_rank) +
                       [" over 4-bit weights"] * settings.lora_quantize)

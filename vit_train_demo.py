@@ -154,7 +154,7 @@ def main():
     clock.lap("model")
 
     with out_of_memory_named(args.model_name_or_path, parameters, args.batch_size, settings, args.grad_checkpoint,
-                             args.max_gpu_memory_gib):
+                             args.max_gpu_memory_gib) as gpu_use:
         # Plugin and booster, set up while loader workers decode the images (a background thread collects them)
         plugin, booster = build_booster(model, settings, device)
         if args.lora_rank:
@@ -174,6 +174,9 @@ def main():
         images, fill_caches = device_images(splits, image_processor, device, announce, args.data_mode,
                                             args.cache_budget_gib, args.max_gpu_memory_gib, args.num_workers,
                                             args.skip_unreadable)
+        if device.type == "cuda":
+            gpu_use["cached_images_gib"] = sum(split.pixel_values.nbytes for split in images.values()
+                                               if split.cached) / 2**30
         with ThreadPoolExecutor(max_workers=1) as background:
             decoding = background.submit(fill_caches)
             optimizer = build_optimizer(model, settings, args.learning_rate, args.weight_decay, args.verbose)
