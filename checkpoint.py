@@ -114,10 +114,10 @@ def save_checkpoint(boosted, state, output_path, keep, plugin):
                 shutil.rmtree(old)
     dist.barrier()
     seconds = time.perf_counter() - start
-    if not boosted.topology.reports:  # the size is reported once: no need for every rank to walk the folder
-        return {"step": state.global_step, "seconds": seconds, "gib": None}
-    size = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(final) for name in names)
-    return {"step": state.global_step, "seconds": seconds, "gib": size / 2**30}
+    # the size is reported once: no need for every rank of a large job to walk the folder
+    size = (sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(final) for name in names)
+            if boosted.topology.reports else None)
+    return {"step": state.global_step, "seconds": seconds, "gib": None if size is None else size / 2**30}
 
 
 def resolve_resume(resume_from, output_path):

@@ -89,9 +89,9 @@ def out_of_memory_named(model_name, parameters, batch_size, settings, grad_check
         how = "".join([f" --offload {settings.offload}"] * (settings.offload != "none") +
                       [f" and LoRA of rank {settings.lora_rank}"] * bool(settings.lora_rank) +
                       [" over 4-bit weights"] * settings.lora_quantize)
-        remedies = f"{', '.join(remedies[:-1])} or {remedies[-1]}" if len(remedies) > 1 else remedies[0]
+        tries = f"{', '.join(remedies[:-1])} or {remedies[-1]}" if len(remedies) > 1 else remedies[0]
         raise RunError(f"out of GPU memory under {limit}, training {model_name} ({parameters / 1e6:.1f}M "
-                       f"parameters) at --batch_size {batch_size} with {settings.plugin}{how}; try {remedies}") from None
+                       f"parameters) at --batch_size {batch_size} with {settings.plugin}{how}; try {tries}") from None
 
 
 def sum_over_ranks(values, device):

@@ -15,7 +15,7 @@ set -euo pipefail
 # the benchmark imports the example's modules; paths given stay relative to where this is run from
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
-CONFIGURATIONS=${CONFIGURATIONS:-}  # default: the PyTorch references and every plugin (on the CPU: see below)
+CONFIGURATIONS=${CONFIGURATIONS:-}  # default: the PyTorch references and every plugin (CPU: torch, torch_ddp, +lora)
 MODEL_SIZES=${MODEL_SIZES:-}       # tiny, B/16, L/16, H/14, g/14, G/14, e/14, 5.5B/14, 6.5B/14, 8B/14, 12B/14, 22B/14 (default: B/16, tiny on CPU)
 BATCH_SIZES=${BATCH_SIZES:-32,128}  # batch size of each GPU
 GPUNUM=${GPUNUM:-1}                 # >1 times the plugins data-parallel over GPUNUM GPUs (references need 1)
