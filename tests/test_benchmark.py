@@ -122,4 +122,6 @@ def test_checkpoint_benchmark_times_the_examples_own_checkpoints(tmp_path):
         assert checkpoint["seconds"] > 0 and checkpoint["gib"] == size / 2**30
         assert line == (f"| {checkpoint['step']} | {checkpoint['seconds']:.2f} | {checkpoint['gib']:.2f} | "
                         f"{checkpoint['gib'] / checkpoint['seconds']:.2f} |")
-    assert "checkpoint.py" in run.stdout.split("by cumulative time:")[1]  # the profile of save_checkpoint
+    # the profile of the checkpoint, seen in Colossal-AI's checkpoint IO (on the GPU machine's Python 3.12 the profile
+    # held none of the example's own frames above it)
+    assert "colossalai/checkpoint_io/" in run.stdout.split("by cumulative time:")[1]
