@@ -27,7 +27,7 @@
 # ACCURACY_JOBS (3) of them at once on the GPU (accuracy only: no timing is taken); into LOG_DIR/accuracy.json.
 # checkpoints: the seconds each checkpoint stalls training and where they go (benchmarks/checkpoint_benchmark.py,
 # 25 functions of its profile): ViT-B/16 with torch_ddp and gemini, and ViT-G/14 with gemini OFFLOAD=all under the
-# cap, written into CHECKPOINT_DIR (default: under RUN_ROOT).
+# cap, each written into a folder of its own under CHECKPOINT_DIR (default: under RUN_ROOT).
 # Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
 # profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log, serving_agreement.json; for
 # largest largest.json, vit_g.json and their .log and _logs/; for lora lora_largest.json and its; for lora_speed
@@ -405,7 +405,7 @@ if [ "$PART" = checkpoints ]; then
     read -r configuration size <<<"$run"
     name=checkpoint_$(echo "${configuration}_$size" | tr ':/' '__')
     python3 -m benchmarks.checkpoint_benchmark --configuration "$configuration" --model_size "$size" --profile 25 \
-      --max_gpu_memory_gib "${CAP_GIB:-24}" --output_path "${CHECKPOINT_DIR:-$RUN_ROOT/checkpoints}" \
+      --max_gpu_memory_gib "${CAP_GIB:-24}" --output_path "${CHECKPOINT_DIR:-$RUN_ROOT/checkpoints}/$name" \
       --json "$LOG_DIR/$name.json" 2>&1 | tee "$LOG_DIR/$name.log" | grep -v Warning
   done
 fi
