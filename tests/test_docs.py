@@ -17,6 +17,13 @@ def report_section(title):
     return REPORT.read_text().split(f"## {title}\n")[1].split("\n## ")[0]
 
 
+def table_rows(text):
+    """The cells of each body row of the markdown tables in `text` (their header and separator rows left out)."""
+    lines = text.splitlines()
+    return [line.strip("| ").split(" | ") for line, following in zip(lines, [*lines[1:], ""])
+            if line.startswith("| ") and not line.startswith("| ---") and not following.startswith("| ---")]
+
+
 def prose(page):
     """The page without its fenced code blocks (commands and sample output, not quoted figures)."""
     return re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
@@ -57,8 +64,7 @@ def test_the_modes_table_is_its_raw_data():
     import statistics
     modes = json.loads((REPORT.parent / "modes.json").read_text())
     section = report_section("Fine-tuning modes")
-    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in section.splitlines()
-                                          if line.startswith("| ") and not line.startswith(("| mode", "| ---")))}
+    rows = {cells[0]: cells for cells in table_rows(section)}
     assert sorted(rows) == sorted(modes)
     for name, mode in modes.items():
         runs = mode["runs"]
@@ -90,8 +96,7 @@ def test_the_lora_speed_table_is_its_raw_data():
     import json
     section = report_section("LoRA and QLoRA on large models").split("### LoRA against full fine-tuning with offload")[1]
     section = section.split("Through `run_finetuning.sh`")[0]
-    printed = [line.strip("| ").split(" | ") for line in section.splitlines()
-               if line.startswith("| ") and not line.startswith(("| configuration", "| ---"))]
+    printed = table_rows(section)
     expected = []
     for size in ("vit_g", "6.5b"):
         rows = json.loads((REPORT.parent / f"lora_speed_{size}.json").read_text())["rows"]
@@ -110,8 +115,7 @@ def test_the_lora_run_table_is_its_raw_data():
     import json
     runs = json.loads((REPORT.parent / "lora_run_finetuning.json").read_text())
     section = report_section("LoRA and QLoRA on large models").split("Through `run_finetuning.sh`")[1]
-    printed = [line.strip("| ").split(" | ") for line in section.splitlines()
-               if line.startswith("| ") and not line.startswith(("| ViT", "| ---"))]
+    printed = table_rows(section)
     assert printed == [[size, f"{run['wall_seconds']:.1f}", f"{run['setup_seconds']:.1f}",
                         f"{run['images_per_second']:.1f}", f"{run['last_epoch_images_per_second']:.1f}",
                         f"{run['peak_gpu_gib']:.2f}", f"{run['peak_host_gib']:.2f}", str(run["trained_parameters"])]
@@ -122,8 +126,7 @@ def test_the_startup_table_is_its_raw_data():
     import json
     variants = json.loads((REPORT.parent / "startup.json").read_text())["variants"]
     section = report_section("Start-up")
-    printed = [line.strip("| ").split(" | ") for line in section.splitlines()
-               if line.startswith("| ") and not line.startswith(("| variant", "| ---"))]
+    printed = table_rows(section)
 
     def cell(seconds):
         return "-" if seconds is None else f"{seconds:.2f}"
