@@ -52,11 +52,15 @@ def checkpoint_root(output_path):
     return os.path.join(output_path, "checkpoints")
 
 
+def step_of(checkpoint):
+    return int(os.path.basename(checkpoint)[len("step_"):])
+
+
 def complete_checkpoints(output_path):
     """Complete checkpoint folders, oldest first."""
     found = [path for path in glob.glob(os.path.join(checkpoint_root(output_path), "step_*"))
              if re.fullmatch(r"step_\d+", os.path.basename(path))]
-    return sorted(found, key=lambda path: int(os.path.basename(path)[len("step_"):]))
+    return sorted(found, key=step_of)
 
 
 @contextmanager
@@ -110,7 +114,11 @@ def save_checkpoint(boosted, state, output_path, keep, plugin):
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)  # written before, by a run resumed from an older checkpoint
             os.rename(partial, final)
-            for old in complete_checkpoints(output_path)[:-keep]:
+            written = complete_checkpoints(output_path)
+            # later steps were written by a run this one replaced (started afresh here, or resumed from before
+            # them): left, the newest of them would be taken for this run's by the pruning and RESUME=latest
+            replaced = [path for path in written if step_of(path) > state.global_step]
+            for old in replaced + [path for path in written if path not in replaced][:-keep]:
                 shutil.rmtree(old)
     dist.barrier()
     seconds = time.perf_counter() - start

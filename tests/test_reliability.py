@@ -126,6 +126,17 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(dataset
     assert sorted(path.name for path in checkpoints.iterdir()) == ["step_0000008", "step_0000010", "step_0000012"]
 
 
+def test_a_run_started_afresh_replaces_the_later_checkpoints_of_the_run_before(dataset, tmp_path):
+    """A new run in the output path of a longer one (twice the batch: half the steps) keeps its own checkpoints,
+    not the run before's later steps, which RESUME=latest would otherwise go back to."""
+    output_path = tmp_path / "model"
+    checkpoints = output_path / "checkpoints"
+    run_to_end(dataset, output_path, EPOCH=1)
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
+    run_to_end(dataset, output_path, EPOCH=1, BS=6)
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_0000002", "step_0000003"]
+
+
 def test_one_rank_dying_ends_the_whole_job_quickly_and_non_zero(dataset, tmp_path):
     process = start_run(dataset, tmp_path / "model")
     wait_for((tmp_path / "model" / "checkpoints" / "step_0000002").exists, process)
