@@ -1,11 +1,11 @@
-"""Resumable training checkpoints, written through the booster and made visible only once complete.
+"""Resumable training checkpoints, written beside training and made visible only once complete.
 
-A checkpoint is a folder `<output_path>/checkpoints/step_<global step>/` holding the model and optimizer (sharded
-as each plugin saves them), the learning-rate scheduler, and one `state_rank<r>.pt` per process with the training
-state (TrainingState), that process's random-number-generator states, PyTorch AMP's loss scale where it has one
-and, for the plugins that would rebuild them from the 16-bit model, its share of the fp32 master weights. It is
-written under a `.partial` name and renamed when every process has finished, so a run killed while saving leaves
-the previous checkpoint as the latest.
+A checkpoint is a folder `<output_path>/checkpoints/step_<global step>/` holding the model (saved through the
+booster, sharded as each plugin saves it), the learning-rate scheduler, and one `state_rank<r>.pt` per process with
+its optimizer's state (its own share, as its PyTorch optimizer holds it), the training state (TrainingState), its
+random-number-generator states, PyTorch AMP's loss scale where it has one and, for the plugins that would rebuild
+them from the 16-bit model, its share of the fp32 master weights. It is written under a `.partial` name and renamed
+when every process has written its files, so a run killed while saving leaves the previous checkpoint as the latest.
 """
 import dataclasses
 import glob
@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 
@@ -20,8 +21,9 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
+from devices import available_host_bytes
 from errors import RunError
-from plugins import PLUGINS, restore_optimizer
+from plugins import PLUGINS
 
 PARTIAL = ".partial"
 
@@ -73,9 +75,20 @@ def write_errors_named(path):
         raise RunError(f"cannot write {path}: {reason}; free some disk space or pass another --output_path") from None
 
 
+def local_optimizer(optimizer):
+    """The PyTorch optimizer under Colossal-AI's wrappers. It steps this rank's share of the trained weights (the fp32
+    master weights, where the plugin keeps them), and its state_dict() is this rank's state, exact, gathered from no
+    other rank (Colossal-AI 0.5.0's gemini IO pickles every state tensor to gather it, even on one GPU: 44 of the 80
+    seconds a ViT-G/14 checkpoint took with OFFLOAD=all on an H200)."""
+    from colossalai.interface import OptimizerWrapper
+    while isinstance(optimizer, OptimizerWrapper):
+        optimizer = optimizer.optim
+    return optimizer
+
+
 def master_weights(optimizer):
     """The fp32 weights the optimizer steps, this rank's share (the 16-bit plugins' master weights)."""
-    return [parameter for group in optimizer.optim.param_groups for parameter in group["params"]]
+    return [parameter for group in local_optimizer(optimizer).param_groups for parameter in group["params"]]
 
 
 def grad_scaler(optimizer):
@@ -84,48 +97,133 @@ def grad_scaler(optimizer):
     return getattr(optimizer, "scaler", None)
 
 
-def save_checkpoint(boosted, state, output_path, keep, plugin):
-    """Writes `boosted` (plugins.Boosted, trained with `plugin`) and `state` as checkpoint step_<global step>,
-    keeping the `keep` newest. Returns what it cost: its step, the seconds training waited for it, and on the rank
-    that reports, its size."""
-    start = time.perf_counter()
-    booster = boosted.booster
-    final = os.path.join(checkpoint_root(output_path), f"step_{state.global_step:07d}")
-    partial = final + PARTIAL
-    rank = dist.get_rank()
-    with write_errors_named(partial):
-        if rank == 0:
-            for stale in glob.glob(os.path.join(checkpoint_root(output_path), "*" + PARTIAL)):
-                shutil.rmtree(stale)
-            os.makedirs(partial)
-        dist.barrier()
-        booster.save_model(boosted.model, os.path.join(partial, "model"), shard=True, use_safetensors=True)
-        # Colossal-AI 0.5.0 loads a sharded optimizer with a synchronize() that only CUDA has
-        booster.save_optimizer(boosted.optimizer, os.path.join(partial, "optimizer"), shard=torch.cuda.is_available())
-        booster.save_lr_scheduler(boosted.lr_scheduler, os.path.join(partial, "lr_scheduler.pt"))
+def tensors_in(value):
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+
+
+def copied_to_host(value):
+    """`value` with each tensor in it copied to host memory, so that training may change the originals."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: copied_to_host(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(copied_to_host(item) for item in value)
+    return value
+
+
+def fsync(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class Checkpoints:
+    """Writes checkpoints of `boosted` (plugins.Boosted, trained with `plugin`) into <output_path>/checkpoints,
+    keeping the `keep` newest (none with 0), training waiting as little as it can.
+
+    Training waits while the model is saved through the booster and this rank's state (its optimizer's, and
+    TrainingState) is copied to host memory; a thread writes that copy beside the next steps. Once every rank's
+    thread has written and synced its files (a barrier of their own process group, which training's collectives
+    never meet), the checkpoint is renamed from .partial and the older ones removed. Where host memory has no room
+    for the copy, the state is written from where it lies while training waits. The next checkpoint, and finish(),
+    wait for the write before."""
+
+    def __init__(self, boosted, output_path, keep, plugin):
+        self.boosted, self.output_path, self.keep, self.plugin = boosted, output_path, keep, plugin
+        self.written = []  # each checkpoint's step, seconds training waited, seconds writing and GiB (reporting rank)
+        self.writing = None  # the thread writing the newest checkpoint
+        self.failure = None  # what stopped it
+        self.writers = dist.new_group(backend="gloo") if keep else None
+
+    def save(self, state):
+        """Starts checkpoint step_<state.global_step>; returns the seconds training waited for it."""
+        if not self.keep:
+            return 0.0
+        start = time.perf_counter()
+        self.finish()
+        booster, rank = self.boosted.booster, dist.get_rank()
+        final = os.path.join(checkpoint_root(self.output_path), f"step_{state.global_step:07d}")
+        partial = final + PARTIAL
+        with write_errors_named(partial):
+            if rank == 0:
+                for stale in glob.glob(os.path.join(checkpoint_root(self.output_path), "*" + PARTIAL)):
+                    shutil.rmtree(stale)
+                os.makedirs(partial)
+            dist.barrier()
+            booster.save_model(self.boosted.model, os.path.join(partial, "model"), shard=True, use_safetensors=True)
+            booster.save_lr_scheduler(self.boosted.lr_scheduler, os.path.join(partial, "lr_scheduler.pt"))
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        masters = ([weight.detach().cpu() for weight in master_weights(boosted.optimizer)]
-                   if PLUGINS[plugin].master_weights_rebuilt_from_model else None)
-        scaler = grad_scaler(boosted.optimizer)
-        torch.save({"progress": dataclasses.asdict(state), "rng": rng, "world_size": dist.get_world_size(),
-                    "master_weights": masters, "grad_scaler": scaler.state_dict() if scaler else None},
-                   os.path.join(partial, f"state_rank{rank}.pt"))
-        dist.barrier()
-        if rank == 0:
-            shutil.rmtree(final, ignore_errors=True)  # written before, by a run resumed from an older checkpoint
-            os.rename(partial, final)
-            written = complete_checkpoints(output_path)
-            # later steps were written by a run this one replaced (started afresh here, or resumed from before
-            # them): left, the newest of them would be taken for this run's by the pruning and RESUME=latest
-            replaced = [path for path in written if step_of(path) > state.global_step]
-            for old in replaced + [path for path in written if path not in replaced][:-keep]:
-                shutil.rmtree(old)
-    dist.barrier()
-    seconds = time.perf_counter() - start
-    # the size is reported once: no need for every rank of a large job to walk the folder
-    size = (sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(final) for name in names)
-            if boosted.topology.reports else None)
-    return {"step": state.global_step, "seconds": seconds, "gib": None if size is None else size / 2**30}
+        masters = (master_weights(self.boosted.optimizer) if PLUGINS[self.plugin].master_weights_rebuilt_from_model
+                   else None)
+        scaler = grad_scaler(self.boosted.optimizer)
+        rank_state = {"progress": dataclasses.asdict(state), "rng": rng, "world_size": dist.get_world_size(),
+                      "optimizer": local_optimizer(self.boosted.optimizer).state_dict(), "master_weights": masters,
+                      "grad_scaler": scaler.state_dict() if scaler else None}
+        copy_bytes = sum(tensor.nbytes for tensor in tensors_in(rank_state))
+        beside_training = copy_bytes + 2 * 2**30 < available_host_bytes()  # room left for the rest of the run
+        if beside_training:
+            rank_state = copied_to_host(rank_state)
+        cost = {"step": state.global_step, "seconds": None, "write_seconds": None, "gib": None,
+                "beside_training": beside_training}
+        self.written.append(cost)
+        write = (rank_state, os.path.join(partial, f"state_rank{rank}.pt"), final, cost, time.perf_counter())
+        if beside_training:
+            self.writing = threading.Thread(target=self._write, args=write, daemon=True)
+            self.writing.start()
+        else:
+            self._write(*write)
+            self.finish()
+        cost["seconds"] = time.perf_counter() - start
+        return cost["seconds"]
+
+    def _write(self, rank_state, state_file, final, cost, start):
+        partial = os.path.dirname(state_file)
+        try:
+            with write_errors_named(partial):
+                torch.save(rank_state, state_file)
+                fsync(state_file)
+                dist.barrier(group=self.writers)  # every rank's files are written
+                if dist.get_rank() == 0:
+                    for folder, _, names in os.walk(partial):  # the booster's files too, before the rename
+                        for name in names:
+                            fsync(os.path.join(folder, name))
+                    self._commit(partial, final, step_of(final))
+                dist.barrier(group=self.writers)
+            cost["write_seconds"] = time.perf_counter() - start
+            if self.boosted.topology.reports:  # once: no need for every rank of a large job to walk the folder
+                cost["gib"] = sum(os.path.getsize(os.path.join(folder, name))
+                                  for folder, _, names in os.walk(final) for name in names) / 2**30
+        except Exception as failure:  # raised in the training thread by finish()
+            self.failure = failure
+
+    def _commit(self, partial, final, step):
+        shutil.rmtree(final, ignore_errors=True)  # written before, by a run resumed from an older checkpoint
+        os.rename(partial, final)
+        fsync(os.path.dirname(final))
+        written = complete_checkpoints(self.output_path)
+        # later steps were written by a run this one replaced (started afresh here, or resumed from before them):
+        # left, the newest of them would be taken for this run's by the pruning and by RESUME=latest
+        replaced = [path for path in written if step_of(path) > step]
+        for old in replaced + [path for path in written if path not in replaced][:-self.keep]:
+            shutil.rmtree(old)
+
+    def finish(self):
+        """Waits until the newest checkpoint is written and renamed; raises what stopped it."""
+        if self.writing:
+            self.writing.join()
+            self.writing = None
+        if self.failure:
+            raise self.failure
 
 
 def resolve_resume(resume_from, output_path):
@@ -139,9 +237,9 @@ def resolve_resume(resume_from, output_path):
     return resume_from
 
 
-def load_checkpoint(boosted, checkpoint, plugin, quantized=False):
-    """Restores `boosted` (plugins.Boosted, trained with `plugin`, its frozen weights in 4 bits if `quantized`) and
-    this process's RNG states; returns the TrainingState."""
+def load_checkpoint(boosted, checkpoint, quantized=False):
+    """Restores `boosted` (plugins.Boosted, its frozen weights in 4 bits if `quantized`) and this process's RNG
+    states; returns the TrainingState."""
     state_file = os.path.join(checkpoint, f"state_rank{dist.get_rank()}.pt")
     if not os.path.isfile(state_file):
         raise RunError(f"{checkpoint} was written by another number of processes (no {os.path.basename(state_file)}); "
@@ -157,13 +255,14 @@ def load_checkpoint(boosted, checkpoint, plugin, quantized=False):
         raise RunError(f"{checkpoint} was written by {state['world_size']} processes, this run has "
                        f"{dist.get_world_size()}; resume with the GPUNUM it was written with")
     missing = [field.name for field in dataclasses.fields(TrainingState) if field.name not in state["progress"]]
+    missing += ["optimizer"] * ("optimizer" not in state)  # saved through the booster before
     if missing:
-        raise RunError(f"{checkpoint} was written by another version of this example (its progress has no "
+        raise RunError(f"{checkpoint} was written by another version of this example (its state has no "
                        f"{', '.join(missing)}); resume it with that version, or start afresh in another output path")
     # 4-bit weights are saved with their quantization statistics, which PyTorch's loading does not take: the
     # model quantized again at start-up from the same weights already holds the same ones
     boosted.booster.load_model(boosted.model, os.path.join(checkpoint, "model"), strict=not quantized)
-    restore_optimizer(boosted.booster, boosted.optimizer, os.path.join(checkpoint, "optimizer"), plugin)
+    local_optimizer(boosted.optimizer).load_state_dict(state["optimizer"])
     if state.get("master_weights") is not None:  # over the ones rebuilt from the 16-bit model: resume is exact
         with torch.no_grad():
             for weight, saved in zip(master_weights(boosted.optimizer), state["master_weights"], strict=True):

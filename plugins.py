@@ -88,26 +88,21 @@ class Plugin:
     autocast: bool = False  # trains in 16 bits through torch.autocast (bf16) or torch AMP (fp16), not by itself
     colossalai_adam_only: bool = False  # takes only Colossal-AI's own Adam kernels
     variant_of: str | None = None  # the plugin it is, in its one precision
-    # Colossal-AI 0.5.0 restores a sharded optimizer's step counts on the CPU, and PyTorch's fused AdamW takes them
-    # only beside their parameters
-    step_counts_restored_on_host: bool = False
     # Colossal-AI 0.5.0's checkpoint IO rebuilds the fp32 master weights from the saved 16-bit model
     # (update_master_params, after load_model), losing what 16 bits round off: the example saves them itself
     master_weights_rebuilt_from_model: bool = False
 
 
 PLUGINS = {
-    "torch_ddp": Plugin(build_torch_ddp, on_cpu=True, lora=True, qlora=True, autocast=True,
-                        step_counts_restored_on_host=True),
-    "torch_ddp_fp16": Plugin(build_torch_ddp, precisions=("fp16",), lora=True, autocast=True, variant_of="torch_ddp",
-                             step_counts_restored_on_host=True),
+    "torch_ddp": Plugin(build_torch_ddp, on_cpu=True, lora=True, qlora=True, autocast=True),
+    "torch_ddp_fp16": Plugin(build_torch_ddp, precisions=("fp16",), lora=True, autocast=True, variant_of="torch_ddp"),
     "low_level_zero": Plugin(build_low_level_zero, offloads=("none", "optimizer"), lora=True,
-                             step_counts_restored_on_host=True, master_weights_rebuilt_from_model=True),
+                             master_weights_rebuilt_from_model=True),
     "gemini": Plugin(build_gemini, precisions=("bf16", "fp16"), offloads=OFFLOADS, offload_fraction=True,
                      colossalai_adam_only=True),
     "hybrid_parallel": Plugin(build_hybrid_parallel, offloads=("none", "optimizer"), lora=True,
                               offload_precisions=("bf16", "fp16"), model_parallel=True,
-                              step_counts_restored_on_host=True, master_weights_rebuilt_from_model=True),
+                              master_weights_rebuilt_from_model=True),
 }
 
 
@@ -237,19 +232,6 @@ def unbuilt_kernels(loader):
         except ImportError:
             unbuilt.append(extension.name)
     return unbuilt
-
-
-def restore_optimizer(booster, optimizer, folder, plugin):
-    """Loads the optimizer state saved in `folder` through the booster."""
-    from colossalai.interface import OptimizerWrapper
-    # Colossal-AI 0.5.0's torch_ddp IO unwraps the optimizer once, and torch AMP's (torch_ddp_fp16) wraps it twice
-    while isinstance(optimizer.optim, OptimizerWrapper):
-        optimizer = optimizer.optim
-    booster.load_optimizer(optimizer, folder)
-    if PLUGINS[plugin].step_counts_restored_on_host:
-        for parameter, parameter_state in optimizer.optim.state.items():
-            if torch.is_tensor(parameter_state.get("step")):
-                parameter_state["step"] = parameter_state["step"].to(parameter.device)
 
 
 class Topology:

@@ -13,8 +13,8 @@ import psutil
 
 
 class Clock:
-    """Where a run's time goes: each part of the set-up, from the process's start, and the seconds spent writing
-    checkpoints in this process."""
+    """Where a run's time goes: each part of the set-up, from the process's start, and the seconds this process
+    waited for checkpoints."""
 
     def __init__(self):
         self.start = time.perf_counter() - (time.time() - psutil.Process().create_time())

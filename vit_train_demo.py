@@ -194,7 +194,7 @@ def main():
         # Resume from a checkpoint, if asked and there is one
         state = checkpoint.TrainingState()
         if resume_from:
-            state = checkpoint.load_checkpoint(boosted, resume_from, args.plugin, args.lora_quantize)
+            state = checkpoint.load_checkpoint(boosted, resume_from, args.lora_quantize)
             if is_first_rank:
                 print(f"resuming from {resume_from}: epoch {state.epoch + 1}, step {state.step_in_epoch} "
                       f"of {steps_per_epoch}")
@@ -208,14 +208,10 @@ def main():
             loss = F.cross_entropy(outputs.logits.float(), inputs["labels"], label_smoothing=args.label_smoothing)
             return loss / accumulation if accumulation > 1 else loss
 
-        checkpoints_written = []  # by this run: each one's step, the seconds training waited for it, its GiB
+        checkpoints = checkpoint.Checkpoints(boosted, args.output_path, args.keep_checkpoints, args.plugin)
 
-        def save_checkpoint():
-            if args.keep_checkpoints:
-                written = checkpoint.save_checkpoint(boosted, state, args.output_path, args.keep_checkpoints,
-                                                     args.plugin)
-                clock.checkpoint_seconds += written["seconds"]
-                checkpoints_written.append(written)
+        def save_checkpoint():  # written beside the next steps: training waits only while its state is copied
+            clock.checkpoint_seconds += checkpoints.save(state)
 
         def epoch_pass(epoch, first_step=0):  # starts decoding a streamed epoch's images at once
             index_batches = training_index_batches(len(images["train"]), args.batch_size, topology.dp_rank,
@@ -265,6 +261,8 @@ def main():
                 booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
             if is_first_rank:
                 image_processor.save_pretrained(args.output_path)
+            with reporting.timed(clock, "checkpoint_seconds"):
+                checkpoints.finish()  # the last one's write, beside the model's save
             if topology.reports:
                 writer.close()
                 # the best epoch is chosen on validation accuracy alone (then loss); its test figures beside it
@@ -285,7 +283,7 @@ def main():
                     "test": final.get("test"),
                     "best_epoch": best,
                     "train_images_per_second": state.images_trained / state.train_seconds,
-                    "checkpoints": checkpoints_written,
+                    "checkpoints": checkpoints.written,
                     "seconds": clock.summary(state),
                 }
                 reporting.write_results(results, args.output_path)

@@ -1,9 +1,11 @@
-"""How long a training checkpoint stalls training, and where that time goes.
+"""How long a training checkpoint stalls training, how long its write goes on beside it, and where the time goes.
 
-Writes the example's own checkpoint (checkpoint.save_checkpoint, as the training script does at each epoch's end)
-of a ViT of random weights after one training step, --repeats times, for a configuration of the step benchmark
-(`plugin[:offload[:fraction]]`, the example's settings), and prints the seconds and GiB of each with the rate.
---profile N also prints the N functions that took the most time (cProfile, cumulative) in the last checkpoint.
+Writes the example's own checkpoint (checkpoint.Checkpoints, as the training script does at each epoch's end) of a
+ViT of random weights after one training step, --repeats times, for a configuration of the step benchmark
+(`plugin[:offload[:fraction]]`, the example's settings), and prints for each the seconds training waited, the
+seconds its write took until it was renamed complete (beside training where host memory had room for a copy of
+the state), and its GiB. --profile N also prints the N functions that took the most
+time (cProfile, cumulative) while training waited for the last checkpoint.
 Launch from the example's folder as `torchrun --standalone --nproc_per_node N -m benchmarks.checkpoint_benchmark`.
 """
 import argparse
@@ -20,7 +22,7 @@ import torch.distributed as dist
 
 from benchmarks.step_benchmark import (SIZES, boosted_model, in_millions_or_billions, parameter_count,
                                        parse_configuration, train_step)
-from checkpoint import TrainingState, save_checkpoint
+from checkpoint import Checkpoints, TrainingState
 from devices import init_distributed
 
 
@@ -59,38 +61,41 @@ def main():
     boosted = trained_one_step(args.configuration, args.model_size, args.batch_size, device)
     plugin = parse_configuration(args.configuration).plugin
     reporting = boosted.topology.reports  # the rank that holds the checkpoint sizes
-    checkpoints, profiler = [], cProfile.Profile()
+    profiler = cProfile.Profile()
     with tempfile.TemporaryDirectory() as scratch:
+        checkpoints = Checkpoints(boosted, args.output_path or scratch, keep=1, plugin=plugin)
         state = TrainingState()
         for repeat in range(args.repeats):
             state.global_step = repeat + 1
             last = repeat == args.repeats - 1 and args.profile
             if last:
                 profiler.enable()
-            checkpoints.append(save_checkpoint(boosted, state, args.output_path or scratch, keep=1, plugin=plugin))
+            checkpoints.save(state)
             if last:
                 profiler.disable()
+            checkpoints.finish()
     if not reporting:
         return
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{device_name} x {dist.get_world_size()}, torch {torch.__version__}, colossalai {colossalai.__version__}: "
           f"{args.configuration}, ViT-{args.model_size} ({in_millions_or_billions(parameter_count(args.model_size))} "
           "parameters)\n")
-    print("| checkpoint at step | seconds | GiB | GiB/s |")
-    print("| --- | --- | --- | --- |")
-    for cost in checkpoints:
-        print(f"| {cost['step']} | {cost['seconds']:.2f} | {cost['gib']:.2f} | {cost['gib'] / cost['seconds']:.2f} |")
+    print("| checkpoint at step | seconds training waited | seconds writing | GiB | written beside training |")
+    print("| --- | --- | --- | --- | --- |")
+    for cost in checkpoints.written:
+        print(f"| {cost['step']} | {cost['seconds']:.2f} | {cost['write_seconds']:.2f} | {cost['gib']:.2f} | "
+              f"{'yes' if cost['beside_training'] else 'no'} |")
     if args.profile:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)
-        print("\nthe last checkpoint, by cumulative time:\n" + text.getvalue())
+        print("\nwhile training waited for the last checkpoint, by cumulative time:\n" + text.getvalue())
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"configuration": args.configuration, "model": args.model_size,
                        "parameters": parameter_count(args.model_size), "device": device_name,
                        "gpus": dist.get_world_size(), "torch": torch.__version__,
                        "colossalai": colossalai.__version__, "date": datetime.date.today().isoformat(),
-                       "checkpoints": checkpoints}, file, indent=2)
+                       "checkpoints": checkpoints.written}, file, indent=2)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def check_schema(results, num_epoch, num_validation=133, num_test=128):
     steps = [checkpoint["step"] for checkpoint in written]
     assert steps == sorted(set(steps)) and len(steps) >= num_epoch * (results["config"]["keep_checkpoints"] > 0)
     assert all(checkpoint["seconds"] > 0 and checkpoint["gib"] > 0 for checkpoint in written)
+    # written beside training (the state copied to host memory, which has room for a small model's)
+    assert all(checkpoint["beside_training"] and checkpoint["write_seconds"] > 0 for checkpoint in written)
     assert sum(checkpoint["seconds"] for checkpoint in written) <= seconds["checkpoints"]
     assert sum(seconds[part] for part in ("setup", "train", "evaluation", "checkpoints")) < seconds["total"]
 

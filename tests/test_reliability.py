@@ -318,12 +318,12 @@ def test_checkpoint_of_another_version_is_named(dataset, tmp_path, uninterrupted
 
     older = tmp_path / "step_older"
     shutil.copytree(complete_checkpoints(uninterrupted["config"]["output_path"])[-1], older)
-    for state_file in older.glob("state_rank*.pt"):  # as written before the state kept where its epoch started
-        state = torch.load(state_file, weights_only=True)
-        del state["progress"]["epoch_start_images"]
+    for state_file in older.glob("state_rank*.pt"):  # as written before the state kept where its epoch started,
+        state = torch.load(state_file, weights_only=True)  # and the optimizer's state (saved through the booster)
+        del state["progress"]["epoch_start_images"], state["optimizer"]
         torch.save(state, state_file)
     returncode, output = finish(start_run(dataset, tmp_path / "model", RESUME=older))
     assert returncode == 1 and "Traceback" not in output
     assert output.strip().splitlines()[-1] == (
-        f"error: {older} was written by another version of this example (its progress has no epoch_start_images); "
-        "resume it with that version, or start afresh in another output path")
+        f"error: {older} was written by another version of this example (its state has no epoch_start_images, "
+        "optimizer); resume it with that version, or start afresh in another output path")
