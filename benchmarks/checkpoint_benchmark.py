@@ -4,8 +4,9 @@ Writes the example's own checkpoint (checkpoint.Checkpoints, as the training scr
 ViT of random weights after one training step, --repeats times, for a configuration of the step benchmark
 (`plugin[:offload[:fraction]]`, the example's settings), and prints for each the seconds training waited, the
 seconds its write took until it was renamed complete (beside training where host memory had room for a copy of
-the state), and its GiB. --profile N also prints the N functions that took the most
-time (cProfile, cumulative) while training waited for the last checkpoint.
+the state), its GiB, and the seconds a training step took while the write went on beside it, with the
+seconds a step takes alone (measured right after, as many steps). --profile N also prints the N functions that took
+the most time (cProfile, cumulative) while training waited for the last checkpoint.
 Launch from the example's folder as `torchrun --standalone --nproc_per_node N -m benchmarks.checkpoint_benchmark`.
 """
 import argparse
@@ -15,6 +16,7 @@ import io
 import json
 import pstats
 import tempfile
+import time
 
 import colossalai
 import torch
@@ -45,26 +47,55 @@ def parse_args():
 
 
 def trained_one_step(configuration, size, batch_size, device):
-    """The example's booster, model, optimizer and scheduler for `configuration`, after one training step."""
+    """The example's booster, model, optimizer and scheduler for `configuration` after one training step, and a
+    function that takes another."""
     from colossalai.nn.lr_scheduler import CosineAnnealingWarmupLR
     boosted, image_size = boosted_model(configuration, size, True, device,
-                                        lambda optimizer: CosineAnnealingWarmupLR(optimizer, total_steps=10,
+                                        lambda optimizer: CosineAnnealingWarmupLR(optimizer, total_steps=10**6,
                                                                                   warmup_steps=1))
-    train_step(boosted, torch.randn(batch_size, 3, image_size, image_size, device=device),
-               torch.randint(0, 3, (batch_size,), device=device))
-    return boosted
+    batch = (torch.randn(batch_size, 3, image_size, image_size, device=device),
+             torch.randint(0, 3, (batch_size,), device=device))
+
+    def step():
+        train_step(boosted, *batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    step()
+    return boosted, step
+
+
+def step_seconds(step, steps=None, while_writing=None):
+    """Seconds a training step takes: over `steps` steps, or over the steps taken while any rank's checkpoint is
+    still being written (`while_writing`, a Checkpoints); returns them (None if none was taken) and the steps."""
+    taken, start = 0, time.perf_counter()
+    while True:
+        if while_writing is not None:
+            writing = torch.tensor(float(bool(while_writing.writing and while_writing.writing.is_alive())))
+            dist.all_reduce(writing, op=dist.ReduceOp.MAX, group=while_writing.writers)  # every rank steps as long
+            if not writing.item():
+                break
+        elif taken == steps:
+            break
+        step()
+        taken += 1
+    return ((time.perf_counter() - start) / taken if taken else None), taken
+
+
+def seconds(value):
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main():
     args = parse_args()
     device = init_distributed(seed=0, max_gpu_memory_gib=args.max_gpu_memory_gib)
-    boosted = trained_one_step(args.configuration, args.model_size, args.batch_size, device)
+    boosted, step = trained_one_step(args.configuration, args.model_size, args.batch_size, device)
     plugin = parse_configuration(args.configuration).plugin
     reporting = boosted.topology.reports  # the rank that holds the checkpoint sizes
     profiler = cProfile.Profile()
     with tempfile.TemporaryDirectory() as scratch:
         checkpoints = Checkpoints(boosted, args.output_path or scratch, keep=1, plugin=plugin)
         state = TrainingState()
+        steps_timed = []  # per checkpoint: seconds a step took beside its write, alone, and the steps beside it
         for repeat in range(args.repeats):
             state.global_step = repeat + 1
             last = repeat == args.repeats - 1 and args.profile
@@ -73,18 +104,22 @@ def main():
             checkpoints.save(state)
             if last:
                 profiler.disable()
+            beside_write, steps = step_seconds(step, while_writing=checkpoints)
             checkpoints.finish()
+            steps_timed.append((beside_write, step_seconds(step, steps=steps)[0], steps))
     if not reporting:
         return
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{device_name} x {dist.get_world_size()}, torch {torch.__version__}, colossalai {colossalai.__version__}: "
           f"{args.configuration}, ViT-{args.model_size} ({in_millions_or_billions(parameter_count(args.model_size))} "
           "parameters)\n")
-    print("| checkpoint at step | seconds training waited | seconds writing | GiB | written beside training |")
-    print("| --- | --- | --- | --- | --- |")
-    for cost in checkpoints.written:
+    print("| checkpoint at step | seconds training waited | seconds writing | GiB | written beside training | "
+          "steps beside the write | seconds a step beside it | seconds a step alone |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for cost, (beside_write, alone, steps) in zip(checkpoints.written, steps_timed, strict=True):
+        cost.update(steps_beside_write=steps, step_seconds_beside_write=beside_write, step_seconds_alone=alone)
         print(f"| {cost['step']} | {cost['seconds']:.2f} | {cost['write_seconds']:.2f} | {cost['gib']:.2f} | "
-              f"{'yes' if cost['beside_training'] else 'no'} |")
+              f"{'yes' if cost['beside_training'] else 'no'} | {steps} | {seconds(beside_write)} | {seconds(alone)} |")
     if args.profile:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)

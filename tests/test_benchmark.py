@@ -122,8 +122,11 @@ def test_checkpoint_benchmark_times_the_examples_own_checkpoints(tmp_path):
     for line, checkpoint in zip(printed, table["checkpoints"], strict=True):
         assert checkpoint["seconds"] > 0 and checkpoint["write_seconds"] > 0 and checkpoint["beside_training"]
         assert checkpoint["gib"] == size / 2**30
+        beside, alone = checkpoint["step_seconds_beside_write"], checkpoint["step_seconds_alone"]
+        assert (beside is None) == (alone is None) == (checkpoint["steps_beside_write"] == 0)
         assert line == (f"| {checkpoint['step']} | {checkpoint['seconds']:.2f} | {checkpoint['write_seconds']:.2f} | "
-                        f"{checkpoint['gib']:.2f} | yes |")
+                        f"{checkpoint['gib']:.2f} | yes | {checkpoint['steps_beside_write']} | "
+                        f"{'-' if beside is None else f'{beside:.3f}'} | {'-' if alone is None else f'{alone:.3f}'} |")
     # the profile of the checkpoint, seen in Colossal-AI's checkpoint IO (on the GPU machine's Python 3.12 the profile
     # held none of the example's own frames above it)
     assert "colossalai/checkpoint_io/" in run.stdout.split("by cumulative time:")[1]
