@@ -6,7 +6,9 @@ ViT of random weights after one training step, --repeats times, for a configurat
 seconds its write took until it was renamed complete (beside training where host memory had room for a copy of
 the state), its GiB, and the seconds a training step took while the write went on beside it, with the
 seconds a step takes alone (measured right after, as many steps). --profile N also prints the N functions that took
-the most time (cProfile, cumulative) while training waited for the last checkpoint.
+the most time (cProfile, cumulative) while training waited for the last checkpoint. Then, as the peer, the same state
+saved by Colossal-AI's own checkpoint IO (the booster's save_model, save_optimizer and save_lr_scheduler, sharded,
+while training waits: how the example saved before).
 Launch from the example's folder as `torchrun --standalone --nproc_per_node N -m benchmarks.checkpoint_benchmark`.
 """
 import argparse
@@ -14,7 +16,9 @@ import cProfile
 import datetime
 import io
 import json
+import os
 import pstats
+import shutil
 import tempfile
 import time
 
@@ -81,6 +85,25 @@ def step_seconds(step, steps=None, while_writing=None):
     return ((time.perf_counter() - start) / taken if taken else None), taken
 
 
+def booster_save(boosted, folder, reporting):
+    """Seconds Colossal-AI's booster takes to save the model, optimizer and scheduler into `folder` (sharded where
+    its IO can: its sharded optimizer save needs a GPU), and the GiB written (None off the reporting rank)."""
+    booster, sharded = boosted.booster, torch.cuda.is_available()
+    start = time.perf_counter()
+    booster.save_model(boosted.model, os.path.join(folder, "model"), shard=True, use_safetensors=True)
+    booster.save_optimizer(boosted.optimizer, os.path.join(folder, "optimizer" if sharded else "optimizer.pt"),
+                           shard=sharded)
+    booster.save_lr_scheduler(boosted.lr_scheduler, os.path.join(folder, "lr_scheduler.pt"))
+    dist.barrier()
+    took = time.perf_counter() - start
+    gib = (sum(os.path.getsize(os.path.join(parent, name)) for parent, _, names in os.walk(folder) for name in names)
+           / 2**30 if reporting else None)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(folder)
+    return took, gib
+
+
 def seconds(value):
     return "-" if value is None else f"{value:.3f}"
 
@@ -107,6 +130,8 @@ def main():
             beside_write, steps = step_seconds(step, while_writing=checkpoints)
             checkpoints.finish()
             steps_timed.append((beside_write, step_seconds(step, steps=steps)[0], steps))
+        booster_seconds, booster_gib = booster_save(boosted, os.path.join(args.output_path or scratch,
+                                                                          "colossalai_booster"), reporting)
     if not reporting:
         return
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -120,6 +145,8 @@ def main():
         cost.update(steps_beside_write=steps, step_seconds_beside_write=beside_write, step_seconds_alone=alone)
         print(f"| {cost['step']} | {cost['seconds']:.2f} | {cost['write_seconds']:.2f} | {cost['gib']:.2f} | "
               f"{'yes' if cost['beside_training'] else 'no'} | {steps} | {seconds(beside_write)} | {seconds(alone)} |")
+    print(f"\nColossal-AI's booster, the same state (save_model, save_optimizer, save_lr_scheduler), training waiting: "
+          f"{booster_seconds:.2f} s, {booster_gib:.2f} GiB")
     if args.profile:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)
@@ -130,7 +157,8 @@ def main():
                        "parameters": parameter_count(args.model_size), "device": device_name,
                        "gpus": dist.get_world_size(), "torch": torch.__version__,
                        "colossalai": colossalai.__version__, "date": datetime.date.today().isoformat(),
-                       "checkpoints": checkpoints.written}, file, indent=2)
+                       "checkpoints": checkpoints.written,
+                       "colossalai_booster_save": {"seconds": booster_seconds, "gib": booster_gib}}, file, indent=2)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,11 @@ def test_checkpoint_benchmark_times_the_examples_own_checkpoints(tmp_path):
         assert line == (f"| {checkpoint['step']} | {checkpoint['seconds']:.2f} | {checkpoint['write_seconds']:.2f} | "
                         f"{checkpoint['gib']:.2f} | yes | {checkpoint['steps_beside_write']} | "
                         f"{'-' if beside is None else f'{beside:.3f}'} | {'-' if alone is None else f'{alone:.3f}'} |")
+    peer = table["colossalai_booster_save"]  # the same state through Colossal-AI's booster, written and removed
+    assert peer["seconds"] > 0 and 0.5 * size / 2**30 < peer["gib"] < 2 * size / 2**30
+    assert (f"Colossal-AI's booster, the same state (save_model, save_optimizer, save_lr_scheduler), training waiting: "
+            f"{peer['seconds']:.2f} s, {peer['gib']:.2f} GiB") in run.stdout
+    assert not (tmp_path / "run" / "colossalai_booster").exists()
     # the profile of the checkpoint, seen in Colossal-AI's checkpoint IO (on the GPU machine's Python 3.12 the profile
     # held none of the example's own frames above it)
     assert "colossalai/checkpoint_io/" in run.stdout.split("by cumulative time:")[1]
