@@ -9,6 +9,10 @@
 # LARGEST=1 is the memory mode: each configuration's largest model of MODEL_SIZES that trains, for example
 #   LARGEST=1 MAX_GPU_MEMORY_GIB=24 GRAD_CHECKPOINT=1 BATCH_SIZES=32 MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14 \
 #   CONFIGURATIONS=torch,deepspeed_zero2_offload,gemini:all bash benchmarks/run_step_benchmark.sh
+# FASTEST=1 is the speed mode: each configuration at each size at the BATCH_SIZES from the smallest up until one does
+# not fit, and the fastest, for example under the same cap
+#   FASTEST=1 MAX_GPU_MEMORY_GIB=24 GRAD_CHECKPOINT=1 BATCH_SIZES=32,64,128,256 MODEL_SIZES=G/14,6.5B/14 \
+#   CONFIGURATIONS=gemini:optimizer,gemini:all,deepspeed_zero2_offload,deepspeed_zero3_offload bash benchmarks/run_step_benchmark.sh
 # Without a GPU it times a tiny ViT on the CPU (torch, and torch_ddp in full and with LoRA), which checks the script,
 # not the speed.
 set -euo pipefail
@@ -24,6 +28,7 @@ WARMUP_STEPS=${WARMUP_STEPS:-10}
 GRAD_CHECKPOINT=${GRAD_CHECKPOINT:-0}       # 1: recompute activations in the backward pass
 MAX_GPU_MEMORY_GIB=${MAX_GPU_MEMORY_GIB:-}  # cap each process's GPU memory (rehearse a smaller GPU)
 LARGEST=${LARGEST:-0}               # 1: memory mode, each configuration's largest model (one GPU, one batch size)
+FASTEST=${FASTEST:-0}               # 1: speed mode, each configuration's fastest of BATCH_SIZES at each size (one GPU)
 OUTPUT=${OUTPUT:-benchmark.json}
 PROFILE_DIR=${PROFILE_DIR:-}        # set: also writes a profile of each configuration's steps there
 
@@ -40,8 +45,10 @@ benchmark=(-m benchmarks.step_benchmark
   ${PROFILE_DIR:+--profile "$PROFILE_DIR"}
   ${MAX_GPU_MEMORY_GIB:+--max_gpu_memory_gib "$MAX_GPU_MEMORY_GIB"}
   $([ "$GRAD_CHECKPOINT" = 1 ] && echo --grad_checkpoint || true))
-if [ "$LARGEST" = 1 ]; then  # it starts a process of its own for each configuration and size
+if [ "$LARGEST" = 1 ]; then  # they start a process of their own for each configuration, size and batch
   python3 "${benchmark[@]}" --largest
+elif [ "$FASTEST" = 1 ]; then
+  python3 "${benchmark[@]}" --fastest
 else
   torchrun --standalone --nproc_per_node "$GPUNUM" "${benchmark[@]}"
 fi

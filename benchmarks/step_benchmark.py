@@ -13,6 +13,10 @@ deepspeed_zero3_offload), the peer a user would pick instead to train a model la
 --largest is the memory mode: for each configuration, the sizes of --model_sizes from the largest down, each in a
 process of its own (so that each has its own peak host memory, and running out spoils nothing), until one trains
 under --max_gpu_memory_gib; a size that cannot fit the host's or the GPU's memory whatever the batch is not tried.
+--fastest is the speed mode under the same cap: each configuration at each size at the batch sizes of --batch_sizes
+from the smallest up, each in a process of its own, until one does not fit; the summary names the fastest batch of
+each (a model that is offloaded each step trains faster at larger batches, which share the transfers and the CPU
+optimizer's step), and compares the fastest Colossal-AI configuration with the fastest DeepSpeed at each size.
 --profile writes where each configuration's step spends its GPU and CPU time. Launch through
 benchmarks/run_step_benchmark.sh, or from the example's folder as
 `torchrun --standalone --nproc_per_node N -m benchmarks.step_benchmark ...` to time the plugins data-parallel over N
@@ -109,8 +113,12 @@ def parse_args():
                         help="cap each process's GPU memory at this (to rehearse a smaller GPU)")
     parser.add_argument("--largest", action="store_true",
                         help="memory mode: each configuration's largest model of --model_sizes that trains")
+    parser.add_argument("--fastest", action="store_true",
+                        help="speed mode: each configuration and size at each of --batch_sizes up to the first that "
+                        "does not fit, and the fastest")
     parser.add_argument("--timeout_per_size", type=float, default=900,
-                        help="--largest: seconds each configuration may take at one size before it is stopped")
+                        help="--largest, --fastest: seconds each configuration may take at one size and batch "
+                        "before it is stopped")
     parser.add_argument("--json", default="benchmark.json", help="where the table is also written")
     parser.add_argument("--profile", metavar="DIR",
                         help="also profile 3 steps of each configuration: DIR/<configuration>_<size>_b<batch>.txt")
@@ -412,38 +420,62 @@ def memory_needed(name, parameters, gpu_cap_gib):
     return None
 
 
-def find_largest(args):
-    """Each configuration at each size from the largest down, each in a process of its own, until one trains."""
+def installed(configurations):
+    """The configurations whose libraries are installed (DeepSpeed is a benchmark peer only)."""
+    for name in configurations:
+        if parse_configuration(name).setup in PEERS and importlib.util.find_spec("deepspeed") is None:
+            print(f"{name}: skipped, DeepSpeed is not installed (a benchmark peer only: pip install deepspeed)")
+        else:
+            yield name
+
+
+def each_alone(name, attempts, args, stop):
+    """The rows of `name` at each (size, batch size) of `attempts`, each in a process of its own (so that each has
+    its own peak host memory, and running out spoils nothing), up to the first row for which `stop` is true."""
     log_dir = f"{os.path.splitext(args.json)[0]}_logs"
     os.makedirs(log_dir, exist_ok=True)
     rows = []
-    for name in args.configurations:
-        if parse_configuration(name).setup in PEERS and importlib.util.find_spec("deepspeed") is None:
-            print(f"{name}: skipped, DeepSpeed is not installed (a benchmark peer only: pip install deepspeed)")
-            continue
-        for size in sorted(args.model_sizes, key=parameter_count, reverse=True):
-            parameters = parameter_count(size)
-            row = {"configuration": name, "model": size, "parameters": parameters, "gpus": 1,
-                   "batch_size_per_gpu": args.batch_sizes[0], "images_per_second": None, "step_ms": None,
-                   "model_tflops_per_second": None, "mfu": None,
-                   "peak_gib": None, "resident_gib": None, "peak_host_gib": None, "vs_eager_reference": None}
-            too_large = memory_needed(name, parameters, args.max_gpu_memory_gib)
-            if too_large:
-                rows.append({**row, "result": too_large})
-            else:
-                rows.append(run_alone(name, size, args, row, os.path.join(log_dir, file_name(f"{name}_{size}.log"))))
-            print(f"{name} ViT-{size}: {rows[-1]['result']}" + (f", {rows[-1]['images_per_second']:.1f} images/s"
-                                                                 if rows[-1]["images_per_second"] else ""), flush=True)
-            if rows[-1]["images_per_second"]:
-                break
+    for size, batch_size in attempts:
+        parameters = parameter_count(size)
+        row = {"configuration": name, "model": size, "parameters": parameters, "gpus": 1,
+               "batch_size_per_gpu": batch_size, "images_per_second": None, "step_ms": None,
+               "model_tflops_per_second": None, "mfu": None,
+               "peak_gib": None, "resident_gib": None, "peak_host_gib": None, "vs_eager_reference": None}
+        too_large = memory_needed(name, parameters, args.max_gpu_memory_gib)
+        if too_large:
+            rows.append({**row, "result": too_large})
+        else:
+            log_path = os.path.join(log_dir, file_name(f"{name}_{size}_b{batch_size}.log"))
+            rows.append(run_alone(name, size, batch_size, args, row, log_path))
+        print(f"{name} ViT-{size} batch {batch_size}: {rows[-1]['result']}"
+              + (f", {rows[-1]['images_per_second']:.1f} images/s" if rows[-1]["images_per_second"] else ""),
+              flush=True)
+        if stop(rows[-1]):
+            break
     return rows
 
 
-def run_alone(name, size, args, row, log_path):
-    """One configuration at one size in a child process; its row, or `row` with why it did not train."""
+def find_largest(args):
+    """Each configuration at each size from the largest down, at the one batch size, until one trains."""
+    sizes = sorted(args.model_sizes, key=parameter_count, reverse=True)
+    return [row for name in installed(args.configurations)
+            for row in each_alone(name, [(size, args.batch_sizes[0]) for size in sizes], args,
+                                  stop=lambda row: row["images_per_second"])]
+
+
+def find_fastest(args):
+    """Each configuration at each size at the batch sizes from the smallest up, until one does not train."""
+    return [row for name in installed(args.configurations) for size in args.model_sizes
+            for row in each_alone(name, [(size, batch_size) for batch_size in sorted(args.batch_sizes)], args,
+                                  stop=lambda row: not row["images_per_second"])]
+
+
+def run_alone(name, size, batch_size, args, row, log_path):
+    """One configuration at one size and batch size in a child process; its row, or `row` with why it did not
+    train."""
     with tempfile.NamedTemporaryFile(suffix=".json") as table, open(log_path, "w") as log:
         command = [sys.executable, "-m", "benchmarks.step_benchmark", "--configurations", name, "--model_sizes", size,
-                   "--batch_sizes", str(args.batch_sizes[0]), "--steps", str(args.steps),
+                   "--batch_sizes", str(batch_size), "--steps", str(args.steps),
                    "--warmup_steps", str(args.warmup_steps), "--json", table.name]
         command += ["--grad_checkpoint"] * args.grad_checkpoint
         command += ["--max_gpu_memory_gib", str(args.max_gpu_memory_gib)] * bool(args.max_gpu_memory_gib)
@@ -496,12 +528,45 @@ def summary(rows):
     return lines
 
 
+def fastest_summary(rows):
+    """Each configuration's fastest batch at each size (against its smallest batch), and at each size the fastest
+    Colossal-AI configuration against the fastest DeepSpeed one, each at its own best batch."""
+    fastest = {}  # (configuration, size): the fastest row
+    smallest = {}  # (configuration, size): the row of the smallest batch that trained
+    for row in rows:
+        if row["images_per_second"]:
+            key = (row["configuration"], row["model"])
+            if row["images_per_second"] > fastest.get(key, {"images_per_second": 0})["images_per_second"]:
+                fastest[key] = row
+            smallest.setdefault(key, row)
+    lines = []
+    for (name, size), row in fastest.items():
+        mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+        first = smallest[name, size]
+        lines.append(f"- {name} ViT-{size}: fastest at batch {row['batch_size_per_gpu']}, "
+                     f"{row['images_per_second']:.1f} images/s{mfu}; {row['images_per_second'] / first['images_per_second']:.2f}x "
+                     f"its rate at batch {first['batch_size_per_gpu']}")
+    for size in dict.fromkeys(size for _, size in fastest):
+        best = {kind: max((row for (name, model), row in fastest.items() if model == size and
+                           (is_colossalai(name) if kind == "colossalai" else parse_configuration(name).setup in PEERS)),
+                          key=lambda row: row["images_per_second"], default=None) for kind in ("colossalai", "deepspeed")}
+        if best["colossalai"] and best["deepspeed"]:
+            ours, theirs = best["colossalai"], best["deepspeed"]
+            lines.append(f"- ViT-{size}: fastest Colossal-AI {ours['configuration']} at batch "
+                         f"{ours['batch_size_per_gpu']}, {ours['images_per_second'] / theirs['images_per_second']:.2f}x "
+                         f"the fastest DeepSpeed, {theirs['configuration']} at batch {theirs['batch_size_per_gpu']} "
+                         f"({theirs['images_per_second']:.1f} images/s)")
+    return lines
+
+
 def main():
     args = parse_args()
-    if args.largest:
-        if len(args.batch_sizes) > 1:
+    if args.largest or args.fastest:
+        if args.largest and args.fastest:
+            sys.exit("error: choose --largest (the largest model) or --fastest (each one's fastest batch), not both")
+        if args.largest and len(args.batch_sizes) > 1:
             sys.exit("error: --largest times one batch size; pass one to --batch_sizes")
-        rows, device_name, world_size = find_largest(args), None, 1
+        rows, device_name, world_size = (find_largest if args.largest else find_fastest)(args), None, 1
         if torch.cuda.is_available():
             device_name = torch.cuda.get_device_name()
     else:
@@ -523,8 +588,8 @@ def main():
                          (("images_per_second", ".1f"), ("step_ms", ".1f"), ("model_tflops_per_second", ".1f"),
                           ("mfu", ".1%"), ("peak_gib", ".2f"), ("resident_gib", ".2f"), ("peak_host_gib", ".2f"),
                           ("vs_eager_reference", ".2f"))) + " |")
-    lines = summary(rows)
-    if args.largest:
+    lines = fastest_summary(rows) if args.fastest else summary(rows)
+    if args.largest or args.fastest:
         print("\n" + "\n".join(lines))
     with open(args.json, "w") as file:
         json.dump({"model_sizes": args.model_sizes, "device": device_name, "gpus": world_size,

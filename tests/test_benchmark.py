@@ -82,7 +82,28 @@ def test_memory_mode_walks_the_sizes_down_until_one_trains(tmp_path, default_por
         assert rows[1]["result"] == "trains" and 85e6 < rows[1]["parameters"] < 87e6
         assert rows[1]["images_per_second"] > 0 and 0.5 < rows[1]["peak_host_gib"] < 24
         assert f"- {configuration}: largest ViT-B/16 (85.8M parameters)" in table["summary"]
-        assert (tmp_path / "largest_logs" / f"{configuration.replace('+', '_')}_B_16.log").exists()
+        assert (tmp_path / "largest_logs" / f"{configuration.replace('+', '_')}_B_16_b2.log").exists()
+
+
+def test_speed_mode_times_each_batch_from_the_smallest_up_and_names_the_fastest(tmp_path, default_port_taken):
+    output = tmp_path / "fastest.json"
+    env = example_env(FASTEST=1, BATCH_SIZES="8,2,4", STEPS=2, WARMUP_STEPS=1, OUTPUT=output,
+                      CONFIGURATIONS="torch_ddp,torch_ddp+lora")
+    env.pop("MASTER_PORT")  # the default, which another run on the machine holds
+    run = subprocess.run(["bash", "benchmarks/run_step_benchmark.sh"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = json.loads(output.read_text())
+    assert [(row["configuration"], row["batch_size_per_gpu"]) for row in table["rows"]] == [
+        (name, batch_size) for name in ("torch_ddp", "torch_ddp+lora") for batch_size in (2, 4, 8)]
+    for name in ("torch_ddp", "torch_ddp+lora"):
+        rows = [row for row in table["rows"] if row["configuration"] == name]
+        assert all(row["result"] == "trains" and row["images_per_second"] > 0 for row in rows)
+        fastest = max(rows, key=lambda row: row["images_per_second"])
+        assert (f"- {name} ViT-tiny: fastest at batch {fastest['batch_size_per_gpu']}, "
+                f"{fastest['images_per_second']:.1f} images/s; "
+                f"{fastest['images_per_second'] / rows[0]['images_per_second']:.2f}x its rate at batch 2") in table["summary"]
+        assert f"- {name} ViT-tiny: fastest at batch" in run.stdout
 
 
 def test_a_run_that_fails_inside_the_timed_part_stops_the_device_benchmarks_naming_it(tmp_path):
