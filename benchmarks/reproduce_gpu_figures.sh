@@ -16,6 +16,9 @@
 # largest (about 35 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT from g/14 to
 # 8B/14 (step_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin without
 # and with offload), then the offloading ones at ViT-G/14.
+# fastest (about 12 minutes): under the same cap, the offloading configurations at batch 32, 128 and 256 until one does
+# not fit (step_benchmark.py --fastest): ViT-G/14 with gemini OFFLOAD=optimizer and DeepSpeed ZeRO-2-Offload, 6.5B/14
+# with gemini OFFLOAD=all and DeepSpeed ZeRO-3-Offload.
 # lora (about 8 minutes): under the same cap, the largest ViT from G/14 to 22B/14 that LoRA of rank 16 trains over
 # 16-bit and over 4-bit (QLoRA) frozen weights, at batch LORA_LARGEST_BS (16: with GRAD_ACCUM=2 a global batch of 32).
 # lora_speed (about 9 minutes): LoRA beside full fine-tuning with the best offload under the cap, at batch 32: ViT-G/14
@@ -30,7 +33,8 @@
 # cap, each written into a folder of its own under CHECKPOINT_DIR (default: under RUN_ROOT).
 # Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
 # profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log, serving_agreement.json; for
-# largest largest.json, vit_g.json and their .log and _logs/; for lora lora_largest.json and its; for lora_speed
+# largest largest.json, vit_g.json and their .log and _logs/; for fastest fastest_vit_g.json, fastest_6.5b.json
+# and theirs; for lora lora_largest.json and its; for lora_speed
 # lora_vit_g.json, lora_6.5b.json and theirs; for lora_runs lora_run_finetuning.json; for checkpoints
 # checkpoint_<configuration>_<size>.json and .log; for accuracy accuracy.json and accuracy_<recipe>.log.
 set -euo pipefail
@@ -43,17 +47,19 @@ REPEATS=${REPEATS:-3}  # end_to_end: runs of the recipe and of each plugin, in t
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
 case "$PART" in
-  end_to_end | steps | both | autotune | streaming | modes | largest | lora | lora_speed | lora_runs | accuracy | \
-    checkpoints) ;;
-  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest, lora," \
+  end_to_end | steps | both | autotune | streaming | modes | largest | fastest | lora | lora_speed | lora_runs | \
+    accuracy | checkpoints) ;;
+  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest, fastest, lora," \
     "lora_speed, lora_runs, accuracy or checkpoints" >&2
     exit 2 ;;
 esac
 # the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
 BUILD_KERNELS="from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
 CPUAdamLoader().load(); FusedOptimizerLoader().load()"
-# largest and lora: each size in a process of its own under a GPU memory cap, recomputing activations
-capped=(LARGEST=1 MAX_GPU_MEMORY_GIB="${CAP_GIB:-24}" GRAD_CHECKPOINT=1 STEPS=2 WARMUP_STEPS=1)
+# largest, lora and fastest: each size (and batch) in a process of its own under a GPU memory cap, recomputing
+# activations
+under_cap=(MAX_GPU_MEMORY_GIB="${CAP_GIB:-24}" GRAD_CHECKPOINT=1 STEPS=2 WARMUP_STEPS=1)
+capped=(LARGEST=1 "${under_cap[@]}")
 mkdir -p "$LOG_DIR"
 
 step_table() {  # NAME VARIABLE=VALUE...: run_step_benchmark.sh with those variables, into LOG_DIR/NAME.json and .log
@@ -307,11 +313,19 @@ for name, mode in modes.items():
 json.dump(modes, open(summary_path, "w"), indent=2)
 PY
 fi
-if [ "$PART" = largest ]; then
+if [ "$PART" = largest ] || [ "$PART" = fastest ]; then
   python3 -c "$BUILD_KERNELS" >/dev/null
   if python3 -c "import deepspeed" 2>/dev/null; then  # its CPU Adam builds at first use: once, before the timing
     python3 -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >/dev/null
   fi
+fi
+if [ "$PART" = fastest ]; then
+  step_table fastest_vit_g FASTEST=1 "${under_cap[@]}" STEPS=3 BATCH_SIZES=32,128,256 MODEL_SIZES=G/14 \
+    CONFIGURATIONS=gemini:optimizer,deepspeed_zero2_offload
+  step_table fastest_6.5b FASTEST=1 "${under_cap[@]}" BATCH_SIZES=32,128,256 MODEL_SIZES=6.5B/14 \
+    CONFIGURATIONS=gemini:all,deepspeed_zero3_offload
+fi
+if [ "$PART" = largest ]; then
   offloading=deepspeed_zero2_offload,deepspeed_zero3_offload,gemini:optimizer,gemini:all,low_level_zero:optimizer
   offloading+=,hybrid_parallel:optimizer
   step_table largest "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14,8B/14 \

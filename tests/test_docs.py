@@ -133,3 +133,37 @@ def test_the_startup_table_is_its_raw_data():
     assert printed == [[name, cell(row["wall_seconds"]), cell(row["cpu_seconds"]),
                         cell(row["import_seconds"]["bitsandbytes"]), cell(row["import_seconds"]["sklearn"])]
                        for name, row in variants.items()]
+
+
+def test_the_fastest_batch_table_is_its_raw_data():
+    """Each row of the report's table of offloaded training at its fastest batch holds what fastest_<size>.json keeps,
+    the ratio taken against the smallest batch of that file."""
+    import json
+    expected = []
+    for size in ("vit_g", "6.5b"):
+        rows = json.loads((REPORT.parent / f"fastest_{size}.json").read_text())["rows"]
+        expected += [[row["configuration"], f"{row['model']} ({row['parameters'] / 1e9:.2f}B)",
+                      str(row["batch_size_per_gpu"]), f"{row['images_per_second']:.1f}",
+                      f"{row['images_per_second'] / rows[0]['images_per_second']:.2f}x", f"{row['step_ms']:.0f}",
+                      f"{row['model_tflops_per_second']:.1f}", f"{row['mfu']:.1%}", f"{row['peak_gib']:.2f}",
+                      f"{row['peak_host_gib']:.2f}"] for row in rows]
+    assert table_rows(report_section("Offloaded training at its fastest batch")) == expected
+
+
+def test_the_checkpoint_table_is_its_raw_data():
+    """Each row of the report's checkpoint table holds what checkpoint_<configuration>_<size>.json keeps: each
+    checkpoint the example wrote, then Colossal-AI's booster saving the same state."""
+    import json
+    expected = []
+    for name in ("torch_ddp_B_16", "gemini_B_16", "gemini_all_G_14"):
+        table = json.loads((REPORT.parent / f"checkpoint_{name}.json").read_text())
+        written = table["checkpoints"]
+        expected += [[table["configuration"], table["model"], f"step {checkpoint['step']}", f"{checkpoint['gib']:.2f}",
+                      f"{checkpoint['seconds']:.2f}", f"{checkpoint['write_seconds']:.2f}",
+                      str(checkpoint["steps_beside_write"]),
+                      f"{checkpoint['step_seconds_beside_write']:.3f}, {checkpoint['step_seconds_alone']:.3f}"]
+                     for checkpoint in written]
+        peer = table["colossalai_booster_save"]
+        expected.append([table["configuration"], table["model"], "Colossal-AI's booster", f"{peer['gib']:.2f}",
+                         f"{peer['seconds']:.2f}", "-", "-", "-"])
+    assert table_rows(report_section("Checkpoints")) == expected
