@@ -104,6 +104,9 @@ def test_speed_mode_times_each_batch_from_the_smallest_up_and_names_the_fastest(
                 f"{fastest['images_per_second']:.1f} images/s; "
                 f"{fastest['images_per_second'] / rows[0]['images_per_second']:.2f}x its rate at batch 2") in table["summary"]
         assert f"- {name} ViT-tiny: fastest at batch" in run.stdout
+    best = max(table["rows"], key=lambda row: row["images_per_second"])  # of both configurations
+    assert table["summary"][-1] == (f"- ViT-tiny: fastest Colossal-AI setting {best['configuration']} at batch "
+                                    f"{best['batch_size_per_gpu']}, {best['images_per_second']:.1f} images/s")
 
 
 def test_a_run_that_fails_inside_the_timed_part_stops_the_device_benchmarks_naming_it(tmp_path):
