@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from devices import available_host_bytes
 from errors import RunError
@@ -97,26 +98,10 @@ def grad_scaler(optimizer):
     return getattr(optimizer, "scaler", None)
 
 
-def tensors_in(value):
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from tensors_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from tensors_in(item)
-
-
-def copied_to_host(value):
-    """`value` with each tensor in it copied to host memory, so that training may change the originals."""
-    if torch.is_tensor(value):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: copied_to_host(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(copied_to_host(item) for item in value)
-    return value
+def folder_gib(folder):
+    """The GiB of the files under `folder`."""
+    return sum(os.path.getsize(os.path.join(parent, name)) for parent, _, names in os.walk(folder)
+               for name in names) / 2**30
 
 
 def fsync(path):
@@ -169,10 +154,10 @@ class Checkpoints:
         rank_state = {"progress": dataclasses.asdict(state), "rng": rng, "world_size": dist.get_world_size(),
                       "optimizer": local_optimizer(self.boosted.optimizer).state_dict(), "master_weights": masters,
                       "grad_scaler": scaler.state_dict() if scaler else None}
-        copy_bytes = sum(tensor.nbytes for tensor in tensors_in(rank_state))
+        copy_bytes = sum(leaf.nbytes for leaf in tree_leaves(rank_state) if torch.is_tensor(leaf))
         beside_training = copy_bytes + 2 * 2**30 < available_host_bytes()  # room left for the rest of the run
-        if beside_training:
-            rank_state = copied_to_host(rank_state)
+        if beside_training:  # a copy in host memory, so that training may change the originals
+            rank_state = tree_map_only(torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True), rank_state)
         cost = {"step": state.global_step, "seconds": None, "write_seconds": None, "gib": None,
                 "beside_training": beside_training}
         self.written.append(cost)
@@ -197,23 +182,22 @@ class Checkpoints:
                     for folder, _, names in os.walk(partial):  # the booster's files too, before the rename
                         for name in names:
                             fsync(os.path.join(folder, name))
-                    self._commit(partial, final, step_of(final))
+                    self._commit(partial, final)
                 dist.barrier(group=self.writers)
             cost["write_seconds"] = time.perf_counter() - start
             if self.boosted.topology.reports:  # once: no need for every rank of a large job to walk the folder
-                cost["gib"] = sum(os.path.getsize(os.path.join(folder, name))
-                                  for folder, _, names in os.walk(final) for name in names) / 2**30
+                cost["gib"] = folder_gib(final)
         except Exception as failure:  # raised in the training thread by finish()
             self.failure = failure
 
-    def _commit(self, partial, final, step):
+    def _commit(self, partial, final):
         shutil.rmtree(final, ignore_errors=True)  # written before, by a run resumed from an older checkpoint
         os.rename(partial, final)
         fsync(os.path.dirname(final))
         written = complete_checkpoints(self.output_path)
         # later steps were written by a run this one replaced (started afresh here, or resumed from before them):
         # left, the newest of them would be taken for this run's by the pruning and by RESUME=latest
-        replaced = [path for path in written if step_of(path) > step]
+        replaced = [path for path in written if step_of(path) > step_of(final)]
         for old in replaced + [path for path in written if path not in replaced][:-self.keep]:
             shutil.rmtree(old)
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from benchmarks.step_benchmark import (SIZES, boosted_model, in_millions_or_billions, parameter_count,
                                        parse_configuration, train_step)
-from checkpoint import Checkpoints, TrainingState
+from checkpoint import Checkpoints, TrainingState, folder_gib
 from devices import init_distributed
 
 
@@ -96,8 +96,7 @@ def booster_save(boosted, folder, reporting):
     booster.save_lr_scheduler(boosted.lr_scheduler, os.path.join(folder, "lr_scheduler.pt"))
     dist.barrier()
     took = time.perf_counter() - start
-    gib = (sum(os.path.getsize(os.path.join(parent, name)) for parent, _, names in os.walk(folder) for name in names)
-           / 2**30 if reporting else None)
+    gib = folder_gib(folder) if reporting else None
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(folder)

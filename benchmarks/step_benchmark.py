@@ -544,9 +544,10 @@ def fastest_summary(rows):
     for (name, size), row in fastest.items():
         mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
         first = smallest[name, size]
+        speedup = row["images_per_second"] / first["images_per_second"]
         lines.append(f"- {name} ViT-{size}: fastest at batch {row['batch_size_per_gpu']}, "
-                     f"{row['images_per_second']:.1f} images/s{mfu}; {row['images_per_second'] / first['images_per_second']:.2f}x "
-                     f"its rate at batch {first['batch_size_per_gpu']}")
+                     f"{row['images_per_second']:.1f} images/s{mfu}; {speedup:.2f}x its rate at batch "
+                     f"{first['batch_size_per_gpu']}")
     for size in dict.fromkeys(size for _, size in fastest):
         ours, theirs = (max((row for (name, model), row in fastest.items() if model == size and kind(name)),
                             key=lambda row: row["images_per_second"], default=None)
