@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from torch.utils._pytree import tree_leaves, tree_map_only
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from devices import available_host_bytes
 from errors import RunError
@@ -121,7 +121,11 @@ class Checkpoints:
     thread has written and synced its files (a barrier of their own process group, which training's collectives
     never meet), the checkpoint is renamed from .partial and the older ones removed. Where host memory has no room
     for the copy, the state is written from where it lies while training waits. The next checkpoint, and finish(),
-    wait for the write before."""
+    wait for the write before.
+
+    The host memory the copy goes into is taken once, beside training, as soon as the optimizer has its state (at
+    once when resumed, else after its first step), and kept for every checkpoint: memory a process has not written
+    yet is several times slower to fill (on the machines measured, 4 GiB took 5-7 s the first time, 0.3 s again)."""
 
     def __init__(self, boosted, output_path, keep, plugin):
         self.boosted, self.output_path, self.keep, self.plugin = boosted, output_path, keep, plugin
@@ -129,6 +133,54 @@ class Checkpoints:
         self.writing = None  # the thread writing the newest checkpoint
         self.failure = None  # what stopped it
         self.writers = dist.new_group(backend="gloo") if keep else None
+        self.host_copy = None  # host tensors shaped as the state's, every page written, kept between checkpoints
+        self.preparing = None  # the thread taking them
+        if keep:
+            optimizer = local_optimizer(boosted.optimizer)
+            if optimizer.state:
+                self._prepare_host_copy()
+            else:
+                self.first_step = optimizer.register_step_post_hook(self._prepare_host_copy)
+
+    def _rank_state(self, state):
+        """What this rank's state file holds: references to the live tensors."""
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        masters = (master_weights(self.boosted.optimizer) if PLUGINS[self.plugin].master_weights_rebuilt_from_model
+                   else None)
+        scaler = grad_scaler(self.boosted.optimizer)
+        return {"progress": dataclasses.asdict(state), "rng": rng, "world_size": dist.get_world_size(),
+                "optimizer": local_optimizer(self.boosted.optimizer).state_dict(), "master_weights": masters,
+                "grad_scaler": scaler.state_dict() if scaler else None}
+
+    def _prepare_host_copy(self, *step_hook_arguments):
+        if step_hook_arguments:
+            self.first_step.remove()
+        tensors = [leaf for leaf in tree_flatten(self._rank_state(TrainingState()))[0] if torch.is_tensor(leaf)]
+        self.preparing = threading.Thread(target=self._take_host_copy, args=(tensors,), daemon=True)
+        self.preparing.start()
+
+    def _take_host_copy(self, tensors):
+        """Host tensors shaped as `tensors`, where host memory has room for them and 2 GiB more for the rest of the
+        run (none where it has not)."""
+        self.host_copy = None  # the last layout's, given back before the room is counted
+        if sum(tensor.nbytes for tensor in tensors) + 2 * 2**30 < available_host_bytes():
+            self.host_copy = [torch.zeros(tensor.shape, dtype=tensor.dtype) for tensor in tensors]
+
+    def _copied_to_host(self, rank_state):
+        """`rank_state` with its tensors copied into the host copy, or None where host memory has no room."""
+        if self.preparing:
+            self.preparing.join()
+            self.preparing = None
+        leaves, layout = tree_flatten(rank_state)
+        tensors = [leaf for leaf in leaves if torch.is_tensor(leaf)]
+        shapes = [(tensor.shape, tensor.dtype) for tensor in tensors]
+        if self.host_copy is None or shapes != [(tensor.shape, tensor.dtype) for tensor in self.host_copy]:
+            self._take_host_copy(tensors)
+        if self.host_copy is None:
+            return None
+        copies = iter(self.host_copy)
+        return tree_unflatten([next(copies).copy_(leaf.detach()) if torch.is_tensor(leaf) else leaf
+                               for leaf in leaves], layout)
 
     def save(self, state):
         """Starts checkpoint step_<state.global_step>; returns the seconds training waited for it."""
@@ -147,17 +199,11 @@ class Checkpoints:
             dist.barrier()
             booster.save_model(self.boosted.model, os.path.join(partial, "model"), shard=True, use_safetensors=True)
             booster.save_lr_scheduler(self.boosted.lr_scheduler, os.path.join(partial, "lr_scheduler.pt"))
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        masters = (master_weights(self.boosted.optimizer) if PLUGINS[self.plugin].master_weights_rebuilt_from_model
-                   else None)
-        scaler = grad_scaler(self.boosted.optimizer)
-        rank_state = {"progress": dataclasses.asdict(state), "rng": rng, "world_size": dist.get_world_size(),
-                      "optimizer": local_optimizer(self.boosted.optimizer).state_dict(), "master_weights": masters,
-                      "grad_scaler": scaler.state_dict() if scaler else None}
-        copy_bytes = sum(leaf.nbytes for leaf in tree_leaves(rank_state) if torch.is_tensor(leaf))
-        beside_training = copy_bytes + 2 * 2**30 < available_host_bytes()  # room left for the rest of the run
-        if beside_training:  # a copy in host memory, so that training may change the originals
-            rank_state = tree_map_only(torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True), rank_state)
+        rank_state = self._rank_state(state)
+        copied = self._copied_to_host(rank_state)  # which training may change the originals of
+        beside_training = copied is not None
+        if beside_training:
+            rank_state = copied
         cost = {"step": state.global_step, "seconds": None, "write_seconds": None, "gib": None,
                 "beside_training": beside_training}
         self.written.append(cost)

@@ -1,8 +1,10 @@
 """How long a training checkpoint stalls training, how long its write goes on beside it, and where the time goes.
 
 Writes the example's own checkpoint (checkpoint.Checkpoints, as the training script does at each epoch's end) of a
-ViT of random weights after one training step, --repeats times, for a configuration of the step benchmark
-(`plugin[:offload[:fraction]]`, the example's settings), and prints for each the seconds training waited, the
+ViT of random weights, --repeats times, for a configuration of the step benchmark
+(`plugin[:offload[:fraction]]`, the example's settings), the first after the training steps each rank takes to
+take the host memory for the state's copy (as in a run, whose first checkpoint comes after an epoch; a step before
+that is what makes the optimizer's state), and prints for each the seconds training waited, the
 seconds its write took until it was renamed complete (beside training where host memory had room for a copy of
 the state), its GiB, and the seconds a training step took while the write went on beside it, with the
 seconds a step takes alone (measured right after, as many steps). --profile N also prints the N functions that took
@@ -68,15 +70,17 @@ def trained_one_step(configuration, size, batch_size, device):
     return boosted, step
 
 
-def step_seconds(step, steps=None, while_writing=None):
-    """Seconds a training step takes: over `steps` steps, or over the steps taken while any rank's checkpoint is
-    still being written (`while_writing`, a Checkpoints); returns them (None if none was taken) and the steps."""
+def step_seconds(step, steps=None, beside=None, group=None):
+    """Seconds a training step takes: over `steps` steps, or over the steps taken as long as any rank's thread
+    `beside()` is still at work (the ranks agreeing through `group`); returns them (None if none was taken) and the
+    steps."""
     taken, start = 0, time.perf_counter()
     while True:
-        if while_writing is not None:
-            writing = torch.tensor(float(bool(while_writing.writing and while_writing.writing.is_alive())))
-            dist.all_reduce(writing, op=dist.ReduceOp.MAX, group=while_writing.writers)  # every rank steps as long
-            if not writing.item():
+        if beside is not None:
+            thread = beside()
+            working = torch.tensor(float(bool(thread and thread.is_alive())))
+            dist.all_reduce(working, op=dist.ReduceOp.MAX, group=group)  # every rank steps as long
+            if not working.item():
                 break
         elif taken == steps:
             break
@@ -116,6 +120,8 @@ def main():
     profiler = cProfile.Profile()
     with tempfile.TemporaryDirectory() as scratch:
         checkpoints = Checkpoints(boosted, args.output_path or scratch, keep=1, plugin=plugin)
+        # as in a run, whose first checkpoint comes after an epoch: the host memory for its copy taken beside steps
+        _, steps_before = step_seconds(step, beside=lambda: checkpoints.preparing, group=checkpoints.writers)
         state = TrainingState()
         steps_timed = []  # per checkpoint: seconds a step took beside its write, alone, and the steps beside it
         for repeat in range(args.repeats):
@@ -126,7 +132,7 @@ def main():
             checkpoints.save(state)
             if last:
                 profiler.disable()
-            beside_write, steps = step_seconds(step, while_writing=checkpoints)
+            beside_write, steps = step_seconds(step, beside=lambda: checkpoints.writing, group=checkpoints.writers)
             checkpoints.finish()
             steps_timed.append((beside_write, step_seconds(step, steps=steps)[0], steps))
         booster_seconds, booster_gib = booster_save(boosted, os.path.join(args.output_path or scratch,
@@ -137,6 +143,7 @@ def main():
     print(f"{device_name} x {dist.get_world_size()}, torch {torch.__version__}, colossalai {colossalai.__version__}: "
           f"{args.configuration}, ViT-{args.model_size} ({in_millions_or_billions(parameter_count(args.model_size))} "
           "parameters)\n")
+    print(f"steps before the first checkpoint, while each rank took the host memory for its copy: {steps_before}\n")
     print("| checkpoint at step | seconds training waited | seconds writing | GiB | written beside training | "
           "steps beside the write | seconds a step beside it | seconds a step alone |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -156,7 +163,7 @@ def main():
                        "parameters": parameter_count(args.model_size), "device": device_name,
                        "gpus": dist.get_world_size(), "torch": torch.__version__,
                        "colossalai": colossalai.__version__, "date": datetime.date.today().isoformat(),
-                       "checkpoints": checkpoints.written,
+                       "steps_before_first_checkpoint": steps_before, "checkpoints": checkpoints.written,
                        "colossalai_booster_save": {"seconds": booster_seconds, "gib": booster_gib}}, file, indent=2)
 
 

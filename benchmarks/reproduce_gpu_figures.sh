@@ -17,9 +17,9 @@
 # 8B/14 (step_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin without
 # and with offload), then the offloading ones at ViT-G/14.
 # fastest (about 15 minutes): under the same cap, the offloading configurations at growing batches until one does not
-# fit (step_benchmark.py --fastest): ViT-G/14 with gemini OFFLOAD=optimizer and DeepSpeed ZeRO-2-Offload at 32, 128
-# and 256, 6.5B/14 with gemini OFFLOAD=all and DeepSpeed ZeRO-3-Offload at 32, 128 and 192 (128 peaked at
-# 14.56 GiB of GPU memory, 32 at 3.93).
+# fit (step_benchmark.py --fastest): 6.5B/14 with gemini OFFLOAD=all and DeepSpeed ZeRO-3-Offload at 32, 128 and 192
+# (128 peaked at 14.56 GiB of GPU memory, 32 at 3.93), ViT-G/14 with gemini OFFLOAD=optimizer and DeepSpeed
+# ZeRO-2-Offload at 32, 128 and 256.
 # lora (about 8 minutes): under the same cap, the largest ViT from G/14 to 22B/14 that LoRA of rank 16 trains over
 # 16-bit and over 4-bit (QLoRA) frozen weights, at batch LORA_LARGEST_BS (16: with GRAD_ACCUM=2 a global batch of 32).
 # lora_speed (about 9 minutes): LoRA beside full fine-tuning with the best offload under the cap, at batch 32: ViT-G/14
@@ -321,10 +321,10 @@ if [ "$PART" = largest ] || [ "$PART" = fastest ]; then
   fi
 fi
 if [ "$PART" = fastest ]; then
-  step_table fastest_vit_g FASTEST=1 "${under_cap[@]}" STEPS=3 BATCH_SIZES=32,128,256 MODEL_SIZES=G/14 \
-    CONFIGURATIONS=gemini:optimizer,deepspeed_zero2_offload
   step_table fastest_6.5b FASTEST=1 "${under_cap[@]}" BATCH_SIZES=32,128,192 MODEL_SIZES=6.5B/14 \
     CONFIGURATIONS=gemini:all,deepspeed_zero3_offload
+  step_table fastest_vit_g FASTEST=1 "${under_cap[@]}" STEPS=3 BATCH_SIZES=32,128,256 MODEL_SIZES=G/14 \
+    CONFIGURATIONS=gemini:optimizer,deepspeed_zero2_offload
 fi
 if [ "$PART" = largest ]; then
   offloading=deepspeed_zero2_offload,deepspeed_zero3_offload,gemini:optimizer,gemini:all,low_level_zero:optimizer

@@ -126,6 +126,55 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(dataset
     assert sorted(path.name for path in checkpoints.iterdir()) == ["step_0000008", "step_0000010", "step_0000012"]
 
 
+HOST_COPY_REUSED = """
+import sys
+import threading
+import torch
+from benchmarks.step_benchmark import boosted_model, train_step
+from checkpoint import Checkpoints, TrainingState, local_optimizer
+from devices import init_distributed
+
+device = init_distributed(seed=0)
+boosted, image_size = boosted_model("torch_ddp", "tiny", False, device, torch.optim.lr_scheduler.ConstantLR)
+images, labels = torch.randn(4, 3, image_size, image_size), torch.tensor([0, 1, 2, 0])
+first_state = lambda: local_optimizer(boosted.optimizer).state_dict()["state"][0]  # the first weight's Adam state
+checkpoints = Checkpoints(boosted, sys.argv[1], keep=2, plugin="torch_ddp")
+stepped, save = threading.Event(), torch.save
+def save_once_training_has_stepped(*arguments, **options):  # the writer thread's torch.save
+    if threading.current_thread() is not threading.main_thread():
+        stepped.wait()
+    save(*arguments, **options)
+torch.save = save_once_training_has_stepped
+assert checkpoints.preparing is None  # the optimizer has no state to copy yet
+train_step(boosted, images, labels)  # its first step: the host memory is taken beside the next steps
+checkpoints.preparing.join()
+host_copy = [tensor.data_ptr() for tensor in checkpoints.host_copy]
+for step in (1, 2):
+    stepped.clear()
+    checkpoints.save(TrainingState(global_step=step))
+    at_checkpoint = {name: tensor.clone() for name, tensor in first_state().items()}
+    train_step(boosted, images, labels)  # changes the state before it is written
+    stepped.set()
+    checkpoints.finish()
+    saved = torch.load(f"{sys.argv[1]}/checkpoints/step_{step:07d}/state_rank0.pt", weights_only=True)
+    saved = saved["optimizer"]["state"][0]
+    assert saved.keys() == at_checkpoint.keys() and "exp_avg" in saved
+    assert all(torch.equal(saved[name], at_checkpoint[name]) for name in saved)
+    assert not torch.equal(first_state()["exp_avg"], saved["exp_avg"])
+    assert [tensor.data_ptr() for tensor in checkpoints.host_copy] == host_copy
+print("host copy reused:", len(host_copy), "tensors")
+"""
+
+
+def test_each_checkpoint_holds_its_own_steps_state_written_from_the_host_copy_taken_once(tmp_path):
+    """The host memory a checkpoint's state is copied into is taken after the optimizer's first step and reused by
+    every checkpoint, each of which still writes the state of its own step while training changes it."""
+    run = subprocess.run([sys.executable, "-c", HOST_COPY_REUSED, str(tmp_path)], cwd=ROOT, env=example_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert re.search(r"host copy reused: \d+ tensors", run.stdout), run.stdout
+
+
 def test_a_run_started_afresh_replaces_the_later_checkpoints_of_the_run_before(dataset, tmp_path):
     """A new run in the output path of a longer one (twice the batch: half the steps) keeps its own checkpoints,
     not the run before's later steps, which RESUME=latest would otherwise go back to."""
