@@ -139,6 +139,8 @@ def test_checkpoint_benchmark_times_the_examples_own_checkpoints(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = json.loads(output.read_text())
     assert [checkpoint["step"] for checkpoint in table["checkpoints"]] == [1, 2]
+    assert (f"steps before the first checkpoint, while each rank took the host memory for its copy: "
+            f"{table['steps_before_first_checkpoint']}") in run.stdout
     checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
     assert [folder.name for folder in checkpoints] == ["step_0000002"]  # the newest kept, as the example keeps it
     size = sum(path.stat().st_size for path in checkpoints[0].rglob("*") if path.is_file())
