@@ -13,9 +13,10 @@
 # through `pipeline` against the example's own input path, benchmarks/serving_agreement.py).
 # modes: full fine-tuning beside IMAGE_SIZE=384, LORA_RANK=16 and GRAD_ACCUM=4 at BS=8, over 3 seeds (MODES_SEEDS):
 # images/s, trained parameters and accuracy, into LOG_DIR/modes.json.
-# largest (about 35 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT from g/14 to
-# 8B/14 (step_benchmark.py --largest: plain PyTorch, DeepSpeed ZeRO-2/3-Offload if installed, each plugin without
-# and with offload), then the offloading ones at ViT-G/14.
+# largest (about 17 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT of g/14, e/14
+# and 6.5B/14 (step_benchmark.py --largest): gemini OFFLOAD=all, DeepSpeed ZeRO-3- and ZeRO-2-Offload (if installed),
+# plain PyTorch, and each plugin without offload.
+# largest_vit_g (about 10 minutes): the offloading configurations at ViT-G/14 under the same cap, at batch 32.
 # fastest (about 15 minutes): under the same cap, the offloading configurations at growing batches until one does not
 # fit (step_benchmark.py --fastest): 6.5B/14 with gemini OFFLOAD=all and DeepSpeed ZeRO-3-Offload at 32, 128 and 192
 # (128 peaked at 14.56 GiB of GPU memory, 32 at 3.93), ViT-G/14 with gemini OFFLOAD=optimizer and DeepSpeed
@@ -34,9 +35,9 @@
 # cap, each written into a folder of its own under CHECKPOINT_DIR (default: under RUN_ROOT).
 # Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
 # profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log, serving_agreement.json; for
-# largest largest.json, vit_g.json and their .log and _logs/; for fastest fastest_vit_g.json, fastest_6.5b.json
-# and theirs; for lora lora_largest.json and its; for lora_speed
-# lora_vit_g.json, lora_6.5b.json and theirs; for lora_runs lora_run_finetuning.json; for checkpoints
+# largest largest.json and its .log and _logs/; for largest_vit_g vit_g.json and its; for fastest fastest_6.5b.json,
+# fastest_vit_g.json and theirs; for lora lora_largest.json and its; for lora_speed lora_vit_g.json, lora_6.5b.json
+# and theirs; for lora_runs lora_run_finetuning.json; for checkpoints
 # checkpoint_<configuration>_<size>.json and .log; for accuracy accuracy.json and accuracy_<recipe>.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the example's folder, where relative paths given here are read
@@ -48,10 +49,10 @@ REPEATS=${REPEATS:-3}  # end_to_end: runs of the recipe and of each plugin, in t
 RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.json are kept, in end_to_end.json
 PART=${1:-both}
 case "$PART" in
-  end_to_end | steps | both | autotune | streaming | modes | largest | fastest | lora | lora_speed | lora_runs | \
-    accuracy | checkpoints) ;;
-  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest, fastest, lora," \
-    "lora_speed, lora_runs, accuracy or checkpoints" >&2
+  end_to_end | steps | both | autotune | streaming | modes | largest | largest_vit_g | fastest | lora | lora_speed | \
+    lora_runs | accuracy | checkpoints) ;;
+  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest, largest_vit_g, fastest," \
+    "lora, lora_speed, lora_runs, accuracy or checkpoints" >&2
     exit 2 ;;
 esac
 # the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
@@ -314,7 +315,7 @@ for name, mode in modes.items():
 json.dump(modes, open(summary_path, "w"), indent=2)
 PY
 fi
-if [ "$PART" = largest ] || [ "$PART" = fastest ]; then
+if [ "$PART" = largest ] || [ "$PART" = largest_vit_g ] || [ "$PART" = fastest ]; then
   python3 -c "$BUILD_KERNELS" >/dev/null
   if python3 -c "import deepspeed" 2>/dev/null; then  # its CPU Adam builds at first use: once, before the timing
     python3 -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >/dev/null
@@ -327,12 +328,14 @@ if [ "$PART" = fastest ]; then
     CONFIGURATIONS=gemini:optimizer,deepspeed_zero2_offload
 fi
 if [ "$PART" = largest ]; then
-  offloading=deepspeed_zero2_offload,deepspeed_zero3_offload,gemini:optimizer,gemini:all,low_level_zero:optimizer
-  offloading+=,hybrid_parallel:optimizer
-  step_table largest "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14,8B/14 \
-    CONFIGURATIONS=torch,torch_ddp,low_level_zero,gemini,hybrid_parallel,$offloading
-  step_table vit_g "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=G/14 \
-    CONFIGURATIONS=$offloading,gemini:optimizer@bf16,gemini:optimizer:0.5
+  configurations=gemini:all,deepspeed_zero3_offload,deepspeed_zero2_offload,torch
+  configurations+=,torch_ddp,low_level_zero,gemini,hybrid_parallel  # without offload
+  step_table largest "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=g/14,e/14,6.5B/14 CONFIGURATIONS=$configurations
+fi
+if [ "$PART" = largest_vit_g ]; then
+  configurations=deepspeed_zero2_offload,gemini:optimizer,gemini:optimizer:0.5,gemini:optimizer@bf16,gemini:all
+  configurations+=,low_level_zero:optimizer,hybrid_parallel:optimizer
+  step_table vit_g "${capped[@]}" BATCH_SIZES=32 MODEL_SIZES=G/14 CONFIGURATIONS=$configurations
 fi
 if [ "$PART" = lora ]; then
   step_table lora_largest "${capped[@]}" BATCH_SIZES="${LORA_LARGEST_BS:-16}" \
