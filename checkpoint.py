@@ -160,8 +160,8 @@ class Checkpoints:
         self.preparing.start()
 
     def _take_host_copy(self, tensors):
-        """Host tensors shaped as `tensors`, where host memory has room for them and 2 GiB more for the rest of the
-        run (none where it has not)."""
+        """Takes host tensors shaped as `tensors` as the host copy, where host memory has room for them and 2 GiB
+        more for the rest of the run (none where it has not). Zeroed: every page written once, here."""
         self.host_copy = None  # the last layout's, given back before the room is counted
         if sum(tensor.nbytes for tensor in tensors) + 2 * 2**30 < available_host_bytes():
             self.host_copy = [torch.zeros(tensor.shape, dtype=tensor.dtype) for tensor in tensors]
