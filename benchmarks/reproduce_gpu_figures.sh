@@ -51,8 +51,8 @@ PART=${1:-both}
 case "$PART" in
   end_to_end | steps | both | autotune | streaming | modes | largest | largest_vit_g | fastest | lora | lora_speed | \
     lora_runs | accuracy | checkpoints) ;;
-  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest, largest_vit_g, fastest," \
-    "lora, lora_speed, lora_runs, accuracy or checkpoints" >&2
+  *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest," \
+    "largest_vit_g, fastest, lora, lora_speed, lora_runs, accuracy or checkpoints" >&2
     exit 2 ;;
 esac
 # the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
