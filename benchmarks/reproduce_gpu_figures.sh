@@ -17,7 +17,7 @@
 # and 6.5B/14 (step_benchmark.py --largest): gemini OFFLOAD=all, DeepSpeed ZeRO-3- and ZeRO-2-Offload (if installed),
 # plain PyTorch, and each plugin without offload.
 # largest_vit_g (about 10 minutes): the offloading configurations at ViT-G/14 under the same cap, at batch 32.
-# fastest (about 15 minutes): under the same cap, the offloading configurations at growing batches until one does not
+# fastest (about 17 minutes): under the same cap, the offloading configurations at growing batches until one does not
 # fit (step_benchmark.py --fastest): 6.5B/14 with gemini OFFLOAD=all and DeepSpeed ZeRO-3-Offload at 32, 128 and 192
 # (128 peaked at 14.56 GiB of GPU memory, 32 at 3.93), ViT-G/14 with gemini OFFLOAD=optimizer and DeepSpeed
 # ZeRO-2-Offload at 32, 128 and 256.
