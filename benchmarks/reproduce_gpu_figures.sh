@@ -33,7 +33,7 @@
 # checkpoints: the seconds each checkpoint stalls training and where they go (benchmarks/checkpoint_benchmark.py,
 # 25 functions of its profile): ViT-B/16 with torch_ddp and gemini, and ViT-G/14 with gemini OFFLOAD=all under the
 # cap, each written into a folder of its own under CHECKPOINT_DIR (default: under RUN_ROOT).
-# Writes LOG_DIR/end_to_end.json and .log, benchmark.json and .log, profiles/; for autotune autotune.json and .log,
+# Writes LOG_DIR/end_to_end.json and .log, steps.json and .log, steps_profiles/; for autotune autotune.json and .log,
 # profiles_autotune/; for streaming streaming.json and .log, synthetic.json and .log, serving_agreement.json; for
 # largest largest.json and its .log and _logs/; for largest_vit_g vit_g.json and its; for fastest fastest_6.5b.json,
 # fastest_vit_g.json and theirs; for lora lora_largest.json and its; for lora_speed lora_vit_g.json, lora_6.5b.json
@@ -183,7 +183,7 @@ PY
 fi
 if [ "$PART" = both ] || [ "$PART" = steps ]; then
   # with GPUNUM > 1 the benchmark times the plugins alone (its plain-PyTorch references run in one process)
-  step_table benchmark GPUNUM="$GPUNUM" PROFILE_DIR="$LOG_DIR/profiles"
+  step_table steps GPUNUM="$GPUNUM" PROFILE_DIR="$LOG_DIR/steps_profiles"
 fi
 if [ "$PART" = autotune ]; then
   step_table autotune CONFIGURATIONS=torch,torch_compile,torch_compile_max_autotune BATCH_SIZES=128 \

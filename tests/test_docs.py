@@ -135,6 +135,19 @@ def test_the_startup_table_is_its_raw_data():
                        for name, row in variants.items()]
 
 
+def test_the_training_steps_table_is_its_raw_data():
+    """Each row of the report's training-steps table holds what steps.json keeps, and the GPU time its profile in
+    steps_profiles/ measured."""
+    import json
+    expected = []
+    for row in json.loads((REPORT.parent / "steps.json").read_text())["rows"]:
+        profile = REPORT.parent / "steps_profiles" / f"{row['configuration']}_B_16_b{row['batch_size_per_gpu']}.txt"
+        kernel_ms = re.search(r"([\d.]+) ms of GPU kernels", profile.read_text()).group(1)
+        expected.append([row["configuration"], str(row["batch_size_per_gpu"]), f"{row['images_per_second']:.0f}",
+                         f"{row['vs_eager_reference']:.2f}x", f"{row['step_ms']:.1f}", f"{row['mfu']:.1%}", kernel_ms])
+    assert table_rows(report_section("Training steps")) == expected
+
+
 def test_the_fastest_batch_table_is_its_raw_data():
     """Each row of the report's table of offloaded training at its fastest batch holds what fastest_<size>.json keeps,
     the ratio taken against the same configuration's smallest batch; a row that did not train has no figures."""
