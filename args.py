@@ -111,7 +111,7 @@ def build_parser():
                         "x this x the data-parallel ranks, and the schedule counts optimizer steps")
     parser.add_argument("--tp_size", type=positive_int, default=1,
                         help="tensor-parallel size (hybrid_parallel only); must divide the model's attention "
-                        "heads and the dataset's labels")
+                        "heads")
     parser.add_argument("--pp_size", type=positive_int, default=1,
                         help="pipeline-parallel size (hybrid_parallel only)")
     parser.add_argument("--microbatch_size", type=positive_int, default=None,
@@ -232,11 +232,11 @@ def plugin_settings(args):
 
 def layout_error(config, tp_size, pp_size, model_name):
     """Why the model of `config` cannot be split as --tp_size and --pp_size say, or None if it can."""
-    heads, labels = config.num_attention_heads, config.num_labels
-    if heads % tp_size or labels % tp_size:  # Colossal-AI splits the heads and the classifier's outputs
-        sizes = [str(size) for size in range(1, min(heads, labels) + 1) if heads % size == 0 and labels % size == 0]
-        return (f"--tp_size {tp_size} does not divide both the {heads} attention heads and the {labels} labels "
-                f"of {model_name} (tensor parallelism splits each); pick one of: {', '.join(sizes)}")
+    heads = config.num_attention_heads
+    if heads % tp_size:  # Colossal-AI splits the heads (and the classifier, which models.pad_classifier widens)
+        sizes = [str(size) for size in range(1, heads + 1) if heads % size == 0]
+        return (f"--tp_size {tp_size} does not divide the {heads} attention heads of {model_name} (tensor "
+                f"parallelism splits them); pick one of: {', '.join(sizes)}")
     if pp_size > config.num_hidden_layers:
         return (f"--pp_size {pp_size} is more pipeline stages than the {config.num_hidden_layers} layers of "
                 f"{model_name}; pick at most {config.num_hidden_layers}")

@@ -3,6 +3,10 @@ Swin, ConvNeXt, SigLIP's vision tower, ...), with a new head for the dataset's l
 LoRA adapters. What a run asks of the model (a plugin that must shard it, a tensor or pipeline layout, another
 resolution, gradient checkpointing, the host memory it takes) is checked against its config, before its weights are
 read."""
+import functools
+import json
+import os
+
 import torch
 import transformers
 
@@ -100,7 +104,52 @@ def load_model(model_name, names, settings, image_size=None, grad_checkpoint=Fal
             parameter.requires_grad_(False)
     if grad_checkpoint:
         model.gradient_checkpointing_enable()
+    if settings.tp_size > 1:
+        pad_classifier(model, settings.tp_size)
     return image_processor, model
+
+
+def pad_classifier(model, multiple):
+    """Widens `model`'s classifier to a multiple of `multiple` outputs, which tensor parallelism splits evenly across
+    its ranks (Colossal-AI 0.5.0 splits the classifier's outputs), so any number of labels works. The padded
+    outputs start at zero and are cut off the model's logits by a forward hook, so no loss, accuracy or prediction
+    sees them, and no gradient reaches them; save_unpadded_classifier drops them from the saved model."""
+    classifier, labels = model.classifier, model.classifier.out_features
+    outputs = -(-labels // multiple) * multiple
+    if outputs == labels:
+        return
+    wider = torch.nn.Linear(classifier.in_features, outputs, dtype=classifier.weight.dtype,
+                            device=classifier.weight.device)
+    with torch.no_grad():
+        wider.weight.zero_()
+        wider.bias.zero_()
+        wider.weight[:labels] = classifier.weight
+        wider.bias[:labels] = classifier.bias
+    model.classifier = wider
+    model.num_labels = outputs  # ShardFormer's pipeline forward reads the classifier's outputs as this many labels
+    model.register_forward_hook(functools.partial(cut_to_labels, labels))
+
+
+def cut_to_labels(labels, model, inputs, output):
+    """A forward hook: the model's `output` with the logits of its first `labels` outputs only."""
+    if "logits" in output:  # the last pipeline stage's output; earlier stages pass their hidden states on
+        output["logits"] = output["logits"][..., :labels]
+    return output
+
+
+def save_unpadded_classifier(output_path, labels):
+    """Cuts the saved model in `output_path` (safetensors shards and their index, as the booster writes them) back
+    to the classifier outputs of its `labels` labels, where pad_classifier widened it; transformers and predict.py
+    then load it as any other."""
+    from safetensors.torch import load_file, save_file
+
+    weight_map = json.load(open(os.path.join(output_path, "model.safetensors.index.json")))["weight_map"]
+    for file in {weight_map["classifier.weight"], weight_map["classifier.bias"]}:
+        tensors = load_file(os.path.join(output_path, file))
+        for name in ("classifier.weight", "classifier.bias"):
+            if name in tensors:
+                tensors[name] = tensors[name][:labels].clone()
+        save_file(tensors, os.path.join(output_path, file), metadata={"format": "pt"})
 
 
 def with_lora(model, booster, rank, alpha, dropout, target_modules, quantize=False, autocast_dtype=None):

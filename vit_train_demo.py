@@ -32,7 +32,7 @@ from devices import copied_to_host, init_distributed, out_of_memory_named, peak_
 from errors import RunError
 from evaluation import evaluate
 from images import augmentation_draws, augmented, device_images, training_index_batches
-from models import load_model, save_merged, with_lora
+from models import load_model, save_merged, save_unpadded_classifier, with_lora
 from plugins import Boosted, Topology, autocast_dtype, build_booster, build_optimizer, forward_backward, gradient_sync
 
 LOSS_READ_LAG = 2  # steps the host may queue ahead of the GPU before it waits for a step's loss
@@ -259,6 +259,8 @@ def main():
                     save_merged(model, args.output_path)
             else:
                 booster.save_model(model, args.output_path, shard=True, use_safetensors=True)
+                if is_first_rank and settings.tp_size > 1:  # after the booster's own save, which rank 0 ends
+                    save_unpadded_classifier(args.output_path, len(names))
             if is_first_rank:
                 image_processor.save_pretrained(args.output_path)
             with reporting.timed(clock, "checkpoint_seconds"):

@@ -180,6 +180,25 @@ def test_pipeline_trains_on_after_evaluating_a_short_last_batch(tmp_path):
     assert results["epochs"][-1]["validation"]["num_examples"] == 36 and results["test"]["num_examples"] == 36
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensor_parallelism_trains_beans_three_labels_and_saves_a_model_that_serves(tmp_path):
+    """TP_SIZE=2 with 3 labels: the classifier, padded to 4 outputs (models.pad_classifier), trains split over two
+    GPUs; every image is evaluated once over the 3 labels, and the saved model is a 3-label classifier that
+    `pipeline` serves with the accuracy training measured."""
+    from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
+
+    model = tmp_path / "vit_4_heads"  # DeiT-tiny's 3 heads do not split in two: its shape with 4, random weights
+    ViTForImageClassification(ViTConfig.from_pretrained(MODEL_DIR, num_attention_heads=4)).save_pretrained(model)
+    AutoImageProcessor.from_pretrained(MODEL_DIR).save_pretrained(model)
+    output_path = tmp_path / "model"
+    run, results = run_finetuning(output_path, gpu=True, PLUGIN="hybrid_parallel", TP_SIZE=2, GPUNUM=2,
+                                  DATASET=BEANS_DIR, MODEL=model, BS=32, EPOCH=2)
+    assert "(tensor parallel 2, pipeline parallel 1)" in run.stdout
+    check_schema(results, num_epoch=2)
+    assert results["epochs"][-1]["validation"]["num_examples"] == 133 and results["test"]["num_examples"] == 128
+    check_pipeline_classifies_test_split(output_path, results, device=0)
+
+
 def test_a_memory_cap_holds_and_running_out_under_it_is_one_line(tmp_path):
     _, results = run_finetuning(tmp_path / "capped", gpu=True, PLUGIN="torch_ddp", DATASET=BEANS_DIR, EPOCH=1,
                                 MAX_GPU_MEMORY_GIB=3)
