@@ -30,6 +30,10 @@
 # accuracy (about 6 minutes): the recipes of the report's accuracy table, each over ACCURACY_SEEDS (0,1,2) through
 # experiments/run_seeds.sh with torch_ddp, and the upstream example's grid (experiments/run_sweep.sh, gemini),
 # ACCURACY_JOBS (3) of them at once on the GPU (accuracy only: no timing is taken); into LOG_DIR/accuracy.json.
+# model_parallel (GPUNUM GPUs, 2 or more): a ViT that plain data parallelism cannot hold on one GPU (MP_SIZE, 12B/14:
+# 16 bytes a parameter is 192 GB) split by hybrid_parallel over the tensor- and pipeline-parallel layouts of 2 and 4
+# GPUs that divide GPUNUM, beside gemini without and with its optimizer offloaded, data-parallel over the same GPUs,
+# at batch 32 a data-parallel group, recomputing activations; into LOG_DIR/model_parallel.json.
 # checkpoints: the seconds each checkpoint stalls training and where they go (benchmarks/checkpoint_benchmark.py,
 # 25 functions of its profile): ViT-B/16 with torch_ddp and gemini, and ViT-G/14 with gemini OFFLOAD=all under the
 # cap, each written into a folder of its own under CHECKPOINT_DIR (default: under RUN_ROOT).
@@ -50,9 +54,9 @@ RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.
 PART=${1:-both}
 case "$PART" in
   end_to_end | steps | both | autotune | streaming | modes | largest | largest_vit_g | fastest | lora | lora_speed | \
-    lora_runs | accuracy | checkpoints) ;;
+    lora_runs | accuracy | model_parallel | checkpoints) ;;
   *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest," \
-    "largest_vit_g, fastest, lora, lora_speed, lora_runs, accuracy or checkpoints" >&2
+    "largest_vit_g, fastest, lora, lora_speed, lora_runs, accuracy, model_parallel or checkpoints" >&2
     exit 2 ;;
 esac
 # the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
@@ -416,6 +420,15 @@ for recipe in recipes:
           f"{test['median']:.4f} ({test['mean']:.4f}) |")
 json.dump(summary, open(summary_path, "w"), indent=2)
 PY
+fi
+if [ "$PART" = model_parallel ]; then
+  configurations=gemini,gemini:optimizer
+  for layout_and_gpus in tp2:2 tp4:4 pp2:2 pp4:4 tp2/pp2:4; do  # the layouts whose GPUs divide GPUNUM
+    if [ $((GPUNUM % ${layout_and_gpus#*:})) = 0 ]; then configurations+=,hybrid_parallel/${layout_and_gpus%:*}; fi
+  done
+  python3 -c "$BUILD_KERNELS" >/dev/null
+  step_table model_parallel GPUNUM="$GPUNUM" GRAD_CHECKPOINT=1 STEPS=5 WARMUP_STEPS=2 BATCH_SIZES=32 \
+    MODEL_SIZES="${MP_SIZE:-12B/14}" CONFIGURATIONS=$configurations
 fi
 if [ "$PART" = checkpoints ]; then
   python3 -c "$BUILD_KERNELS" >/dev/null

@@ -4,7 +4,8 @@
 #   BATCH_SIZES=128 bash benchmarks/run_step_benchmark.sh
 # CONFIGURATIONS may also name torch_compile_max_autotune (about 4.5 minutes of autotuning for ViT-B/16), a plugin
 # with what it offloads (gemini:optimizer, gemini:all:0.5, low_level_zero:optimizer) or with LoRA adapters over 16-bit
-# or 4-bit frozen weights (torch_ddp+lora, torch_ddp+qlora), and DeepSpeed with offload
+# or 4-bit frozen weights (torch_ddp+lora, torch_ddp+qlora), hybrid_parallel with the model split over GPUs
+# (hybrid_parallel/tp2, hybrid_parallel/tp2/pp2: GPUNUM a multiple of tp x pp), and DeepSpeed with offload
 # (deepspeed_zero2_offload, deepspeed_zero3_offload; if installed), the peer for models larger than the GPU.
 # LARGEST=1 is the memory mode: each configuration's largest model of MODEL_SIZES that trains, for example
 #   LARGEST=1 MAX_GPU_MEMORY_GIB=24 GRAD_CHECKPOINT=1 BATCH_SIZES=32 MODEL_SIZES=g/14,G/14,e/14,5.5B/14,6.5B/14 \

@@ -3,8 +3,9 @@
 Times whole training steps (forward, backward, optimizer) of ViTs of random weights on synthetic batches already on
 the device, after warm-up, with the example's own plugin, offload and optimizer settings (plugins.py, as the
 training script builds them): a configuration is a plugin, optionally with what it offloads,
-`plugin:offload[:fraction]` (gemini:optimizer:0.5), or training LoRA adapters over its frozen weights held in 16 or
-4 bits, `plugin+lora` or `plugin+qlora`. The references are a plain PyTorch model with bf16 autocast,
+`plugin:offload[:fraction]` (gemini:optimizer:0.5), hybrid_parallel with the model split over tensor- and
+pipeline-parallel GPUs, `hybrid_parallel/tp2/pp2` (a batch is then each data-parallel group's, of tp x pp GPUs), or
+training LoRA adapters over its frozen weights held in 16 or 4 bits, `plugin+lora` or `plugin+qlora`. The references are a plain PyTorch model with bf16 autocast,
 SDPA attention and fused AdamW, eager and compiled (torch_compile_max_autotune also autotunes the matrix
 multiplications: about 4.5 minutes of warm-up for ViT-B/16, so it runs only when asked for); they run in
 single-process invocations only, as does DeepSpeed ZeRO-2 or ZeRO-3 with offload (deepspeed_zero2_offload,
@@ -46,9 +47,10 @@ import colossalai
 from colossalai.testing import free_port
 from transformers import ViTConfig, ViTForImageClassification
 
+from args import layout_error
 from devices import init_distributed
 from evaluation import cross_entropy
-from models import with_lora
+from models import pad_classifier, with_lora
 from plugins import (OFFLOADS, PLUGINS, Boosted, PluginSettings, Topology, autocast_dtype, build_booster,
                      build_optimizer, default_precision, forward_backward, precision_error, settings_error)
 
@@ -68,28 +70,37 @@ SIZES = {"tiny": (64, 2, 128, 2, 8), "B/16": (768, 12, 3072, 12, 16), "L/16": (1
 # NVIDIA's datasheet peaks of dense bf16 matrix maths per GPU, which model FLOPs utilisation is measured against
 BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
-Configuration = collections.namedtuple("Configuration", "setup plugin offload fraction adapters precision parts")
+Configuration = collections.namedtuple("Configuration",
+                                       "setup plugin offload fraction tp_size pp_size adapters precision parts")
 ADAPTERS = ("", "lora", "qlora")
 LORA_RANK = 16  # on the attention's query and value, the training script's default targets
 
 
 def parse_configuration(name):
-    """The parts of a configuration's name, `setup[+adapters][@precision]`, the setup being a reference, a DeepSpeed
-    peer or `plugin[:offload[:fraction]]`, the adapters lora or qlora (LoRA of rank LORA_RANK, over 16-bit or 4-bit
-    frozen weights; "" for full fine-tuning), precision "" for the default (parts: how many `:`-separated parts the
-    setup has)."""
+    """The parts of a configuration's name, `setup[/tpN][/ppN][+adapters][@precision]`, the setup being a reference,
+    a DeepSpeed peer or `plugin[:offload[:fraction]]`, tpN and ppN hybrid_parallel's tensor- and pipeline-parallel
+    sizes (None where the name has a part that is neither), the adapters lora or qlora (LoRA of rank LORA_RANK, over
+    16-bit or 4-bit frozen weights; "" for full fine-tuning), precision "" for the default (parts: how many
+    `:`-separated parts the setup has)."""
     setup, _, precision = name.partition("@")
     setup, _, adapters = setup.partition("+")
+    setup, *layout = setup.split("/")
+    sizes = {part[:2]: int(part[2:]) for part in layout if re.fullmatch(r"(tp|pp)[1-9]\d*", part)}
+    tp_size, pp_size = (sizes.get("tp", 1), sizes.get("pp", 1)) if len(sizes) == len(layout) else (None, None)
     parts = setup.split(":")
     plugin, offload, fraction = (parts + ["none", "1"][len(parts) - 1:])[:3]
-    return Configuration(setup, plugin, offload, fraction, adapters, precision, len(parts))
+    return Configuration(setup, plugin, offload, fraction, tp_size, pp_size, adapters, precision, len(parts))
 
 
-def plugin_settings(configuration):
-    """The plugin settings a Colossal-AI configuration names, its precision the training script's default if none."""
+def plugin_settings(configuration, batch_size=None):
+    """The plugin settings a Colossal-AI configuration names, its precision the training script's default if none; a
+    pipeline splits `batch_size` into one microbatch a stage."""
     precision = configuration.precision or default_precision(configuration.plugin, configuration.offload,
                                                              torch.cuda.is_available())
+    pipeline = configuration.pp_size > 1 and batch_size
     return PluginSettings(configuration.plugin, precision, configuration.offload, float(configuration.fraction),
+                          configuration.tp_size, configuration.pp_size,
+                          microbatch_size=batch_size // configuration.pp_size if pipeline else None,
                           lora_rank=LORA_RANK if configuration.adapters else 0,
                           lora_quantize=configuration.adapters == "qlora")
 
@@ -128,24 +139,34 @@ def parse_args():
                                                            else CPU_CONFIGURATIONS)).split(",")
     args.model_sizes = (args.model_sizes or ("B/16" if on_gpu else "tiny")).split(",")
     args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    unknown_sizes = set(args.model_sizes) - set(SIZES)
+    if unknown_sizes:
+        parser.error(f"unknown --model_sizes {', '.join(sorted(unknown_sizes))}; choose from {', '.join(SIZES)}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     for name in args.configurations:
         configuration = parse_configuration(name)
-        if (configuration.setup not in REFERENCES + PEERS
-                and (configuration.plugin not in PLUGINS or configuration.offload not in OFFLOADS
-                     or configuration.parts > 3) or configuration.precision not in ("", "bf16", "fp16")
-                or configuration.adapters not in ADAPTERS
-                or configuration.adapters and configuration.setup in REFERENCES + PEERS):
+        plugin = configuration.setup not in REFERENCES + PEERS
+        if (plugin and (configuration.plugin not in PLUGINS or configuration.offload not in OFFLOADS
+                        or configuration.parts > 3) or configuration.precision not in ("", "bf16", "fp16")
+                or configuration.tp_size is None or configuration.tp_size * configuration.pp_size > 1
+                and not (plugin and configuration.plugin in PLUGINS and PLUGINS[configuration.plugin].model_parallel)
+                or configuration.adapters not in ADAPTERS or configuration.adapters and not plugin):
             parser.error(f"unknown configuration {name}; choose from {', '.join((*REFERENCES, *PLUGINS, *PEERS))}; a "
                          f"plugin may add what it offloads, plugin:offload[:fraction] with offload one of "
-                         f"{', '.join(OFFLOADS)}, LoRA adapters as +lora or +qlora, and a plugin or DeepSpeed its "
-                         "precision, @bf16 or @fp16")
+                         f"{', '.join(OFFLOADS)}, hybrid_parallel its tensor- and pipeline-parallel sizes as /tpN "
+                         "and /ppN, LoRA adapters as +lora or +qlora, and a plugin or DeepSpeed its precision, @bf16 "
+                         "or @fp16")
+        split_over = configuration.tp_size * configuration.pp_size
+        if world_size % split_over:
+            parser.error(f"configuration {name} splits the model over {split_over} GPUs, which do not divide the "
+                         f"{world_size} it runs on; run it on a multiple of {split_over} (GPUNUM)")
+        for size in args.model_sizes:
+            if error := layout_error(vit_config(size), configuration.tp_size, configuration.pp_size, f"ViT-{size}"):
+                parser.error(f"configuration {name}: {error}")
         if is_colossalai(name):
             settings = plugin_settings(configuration)
             if error := settings_error(settings, on_gpu) or precision_error(settings, on_gpu):
                 parser.error(f"configuration {name}: {error}")
-    unknown_sizes = set(args.model_sizes) - set(SIZES)
-    if unknown_sizes:
-        parser.error(f"unknown --model_sizes {', '.join(sorted(unknown_sizes))}; choose from {', '.join(SIZES)}")
     if not on_gpu and set(args.configurations) - set(CPU_CONFIGURATIONS):
         parser.error(f"on the CPU only --configurations {','.join(CPU_CONFIGURATIONS)} run (with --model_sizes tiny)")
     return args
@@ -220,14 +241,17 @@ def reference_step_function(name, size, args, device):
     return step, image_size
 
 
-def boosted_model(name, size, grad_checkpoint, device, schedule=None):
+def boosted_model(name, size, grad_checkpoint, device, schedule=None, batch_size=None):
     """The example's booster, model and optimizer (and the learning-rate scheduler `schedule` builds for the
-    optimizer, if given) for the plugin configuration `name` and a ViT of `size`, and the model's image size."""
-    settings = plugin_settings(parse_configuration(name))
+    optimizer, if given) for the plugin configuration `name` and a ViT of `size`, and the model's image size; a
+    pipeline splits `batch_size` into microbatches."""
+    settings = plugin_settings(parse_configuration(name), batch_size)
     # offloading plugins place the weights themselves, and LoRA moves them once held in 16 or 4 bits: built on the
     # host, the model in fp32 never has to fit on the GPU
     on_host = settings.offload != "none" or settings.lora_rank
     model, image_size = new_model(size, grad_checkpoint, "cpu" if on_host else device)
+    if settings.tp_size > 1:
+        pad_classifier(model, settings.tp_size)
     plugin, booster = build_booster(model, settings, device)
     if settings.lora_rank:  # the training script's defaults: alpha the rank, dropout 0.1
         model = with_lora(model, booster, settings.lora_rank, None, 0.1, "query,value", settings.lora_quantize,
@@ -248,7 +272,7 @@ def train_step(boosted, pixel_values, labels):
 
 def plugin_step_function(name, size, args, device):
     """One training step of the example with its settings for the plugin (and offload) `name`."""
-    boosted, image_size = boosted_model(name, size, args.grad_checkpoint, device)
+    boosted, image_size = boosted_model(name, size, args.grad_checkpoint, device, batch_size=args.batch_size)
     return functools.partial(train_step, boosted), image_size
 
 
@@ -361,7 +385,9 @@ def time_configurations(args):
             eager_images_per_second = None
             for name in configurations:
                 seconds, peak_gib, resident_gib = measure(name, size, batch_size, args, device)
-                images_per_second = batch_size * world_size / seconds if seconds else None
+                configuration = parse_configuration(name)  # a batch a data-parallel rank, each of split_over GPUs
+                split_over = configuration.tp_size * configuration.pp_size
+                images_per_second = batch_size * world_size // split_over / seconds if seconds else None
                 if name == "torch":
                     eager_images_per_second = images_per_second
                 # LoRA's frozen weights skip their gradients' products: its model FLOPs are not these

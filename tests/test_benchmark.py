@@ -59,6 +59,35 @@ def test_training_flops_are_three_forward_passes_as_pytorch_counts_them(size):
     assert peak_flops("cpu") is None
 
 
+def test_a_model_parallel_configuration_names_its_layout_and_a_bad_one_is_refused_in_one_line():
+    """hybrid_parallel/tpN/ppN: the settings the example's booster gets (a pipeline's batch in one microbatch a
+    stage); a layout part that is not one, on a setup other than a plugin, is refused before anything runs."""
+    from benchmarks.step_benchmark import parse_configuration, plugin_settings
+
+    configuration = parse_configuration("hybrid_parallel/tp2/pp4@fp16")
+    assert (configuration.plugin, configuration.tp_size, configuration.pp_size, configuration.precision) == (
+        "hybrid_parallel", 2, 4, "fp16")
+    settings = plugin_settings(configuration, batch_size=32)
+    assert (settings.tp_size, settings.pp_size, settings.microbatch_size, settings.precision) == (2, 4, 8, "fp16")
+    assert parse_configuration("gemini:optimizer")[4:6] == (1, 1) and parse_configuration("torch/tp2").tp_size == 2
+
+    def refusal(name, *flags, processes=1):
+        run = subprocess.run([sys.executable, "-m", "benchmarks.step_benchmark", "--configurations", name, *flags],
+                             cwd=ROOT, env=example_env(WORLD_SIZE=processes), capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 2 and "Traceback" not in run.stderr
+        return run.stderr.splitlines()[-1].removeprefix("step_benchmark.py: error: ")
+
+    for name in ("hybrid_parallel/tq2", "hybrid_parallel/tp0", "torch/tp2", "torch_ddp/pp2", "gemini:all/tp2"):
+        assert refusal(name).startswith(f"unknown configuration {name}; ")
+    assert refusal("hybrid_parallel/tp2/pp2") == ("configuration hybrid_parallel/tp2/pp2 splits the model over 4 GPUs, "
+                                                  "which do not divide the 1 it runs on; run it on a multiple of 4 "
+                                                  "(GPUNUM)")
+    assert refusal("hybrid_parallel/tp4", "--model_sizes", "B/16,tiny", processes=4) == (
+        "configuration hybrid_parallel/tp4: --tp_size 4 does not divide the 2 attention heads of ViT-tiny (tensor "
+        "parallelism splits them); pick one of: 1, 2")
+
+
 def test_memory_mode_walks_the_sizes_down_until_one_trains(tmp_path, default_port_taken):
     host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     # the host memory 22B/14 needs (fp32 weights, gradients and Adam's states: 16 bytes a parameter; with LoRA the fp32
