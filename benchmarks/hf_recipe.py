@@ -7,6 +7,7 @@ the model at the end, which the guide pushes to the hub); without, nothing. Prin
 each part, training images per second, and the accuracy on each split. Not part of the example:
 benchmarks/reproduce_gpu_figures.sh times it beside run_finetuning.sh.
   python benchmarks/hf_recipe.py --model_name_or_path MODEL --dataset DIR --batch_size 128 --num_epoch 1
+  torchrun --nproc_per_node 2 benchmarks/hf_recipe.py ...   # data-parallel, --batch_size on each GPU
 """
 import argparse
 import json
@@ -90,7 +91,8 @@ def main():
     results["peak_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     results["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     results["total_seconds"] = time.perf_counter() - PROCESS_START
-    print(json.dumps(results))
+    if trainer.is_world_process_zero():  # once, launched on several GPUs as the guide says (torchrun, accelerate)
+        print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@
 # accuracy (about 6 minutes): the recipes of the report's accuracy table, each over ACCURACY_SEEDS (0,1,2) through
 # experiments/run_seeds.sh with torch_ddp, and the upstream example's grid (experiments/run_sweep.sh, gemini),
 # ACCURACY_JOBS (3) of them at once on the GPU (accuracy only: no timing is taken); into LOG_DIR/accuracy.json.
+# scaling (GPUNUM GPUs, 2 or more): the step benchmark data-parallel over 1, 2, 4, ... up to GPUNUM GPUs: torch_ddp,
+# low_level_zero and gemini at ViT-B/16 and ViT-L/16, batch 128 a GPU; images/s and efficiency (the rate on N GPUs
+# over N times the rate on 1), and a profile of each on GPUNUM GPUs; into LOG_DIR/scaling.json.
 # model_parallel (GPUNUM GPUs, 2 or more): a ViT that plain data parallelism cannot hold on one GPU (MP_SIZE, 12B/14:
 # 16 bytes a parameter is 192 GB) split by hybrid_parallel over the tensor- and pipeline-parallel layouts of 2 and 4
 # GPUs that divide GPUNUM, beside gemini without and with its optimizer offloaded, data-parallel over the same GPUs,
@@ -54,9 +57,9 @@ RUN_ROOT=${RUN_ROOT:-$(mktemp -d)}  # the fine-tuned models; only their results.
 PART=${1:-both}
 case "$PART" in
   end_to_end | steps | both | autotune | streaming | modes | largest | largest_vit_g | fastest | lora | lora_speed | \
-    lora_runs | accuracy | model_parallel | checkpoints) ;;
+    lora_runs | accuracy | scaling | model_parallel | checkpoints) ;;
   *) echo "unknown PART '$PART': choose end_to_end, steps, both, autotune, streaming, modes, largest," \
-    "largest_vit_g, fastest, lora, lora_speed, lora_runs, accuracy, model_parallel or checkpoints" >&2
+    "largest_vit_g, fastest, lora, lora_speed, lora_runs, accuracy, scaling, model_parallel or checkpoints" >&2
     exit 2 ;;
 esac
 # the install step (README): Colossal-AI's CPU and GPU Adam kernels, built once, in one process
@@ -102,9 +105,12 @@ if [ "$PART" = end_to_end ] || [ "$PART" = both ]; then
   done
   # the reference: Hugging Face's recipe with the same model, data and settings (bs 32, 5 epochs, lr 3e-4, ...),
   # writing nothing (recipe) and writing a checkpoint each epoch and the model, as the example does (recipe_saving)
+  # On several GPUs (GPUNUM) it is launched as its guide says, by torchrun, data-parallel at the same batch per GPU.
   recipe() {  # NAME [--save]
-    python3 benchmarks/hf_recipe.py --model_name_or_path "$MODEL" --dataset "$DATASET" --eval_every_epoch "${@:2}" \
-      --output_path "$RUN_ROOT/hf_$1_$repeat" >"$RUN_ROOT/$1_$repeat.json"
+    local launch=(python3)
+    if [ "$GPUNUM" -gt 1 ]; then launch=(torchrun --standalone --nproc_per_node "$GPUNUM"); fi
+    "${launch[@]}" benchmarks/hf_recipe.py --model_name_or_path "$MODEL" --dataset "$DATASET" --eval_every_epoch \
+      "${@:2}" --output_path "$RUN_ROOT/hf_$1_$repeat" >"$RUN_ROOT/$1_$repeat.json"
   }
   # in turns, the recipes then each plugin, REPEATS times: a drift of the machine's speed touches them all alike
   for repeat in $(seq "$REPEATS"); do
@@ -419,6 +425,38 @@ for recipe in recipes:
     print(f"| {name} | {' '.join(settings) or '-'} | {validation['median']:.4f} ({validation['mean']:.4f}) | "
           f"{test['median']:.4f} ({test['mean']:.4f}) |")
 json.dump(summary, open(summary_path, "w"), indent=2)
+PY
+fi
+if [ "$PART" = scaling ]; then
+  python3 -c "$BUILD_KERNELS" >/dev/null
+  gpu_counts=()
+  for ((gpus = 1; gpus <= GPUNUM; gpus *= 2)); do gpu_counts+=("$gpus"); done
+  for gpus in "${gpu_counts[@]}"; do
+    profile=()
+    if [ "$gpus" = "${gpu_counts[-1]}" ]; then profile=(PROFILE_DIR="$LOG_DIR/scaling_profiles"); fi
+    step_table "scaling_$gpus" GPUNUM="$gpus" CONFIGURATIONS=torch_ddp,low_level_zero,gemini MODEL_SIZES=B/16,L/16 \
+      BATCH_SIZES=128 "${profile[@]}"
+  done
+python3 - "$LOG_DIR" "${gpu_counts[@]}" <<'PY'
+import json
+import sys
+
+log_dir, *gpu_counts = sys.argv[1:]
+tables = {gpus: json.load(open(f"{log_dir}/scaling_{gpus}.json")) for gpus in gpu_counts}
+one_gpu = {(row["configuration"], row["model"]): row["images_per_second"] for row in tables["1"]["rows"]}
+print("| configuration | ViT | GPUs | images/s | efficiency |")
+print("| --- | --- | --- | --- | --- |")
+rows = []
+for key, alone in one_gpu.items():
+    for gpus in gpu_counts:
+        rate = next(row["images_per_second"] for row in tables[gpus]["rows"]
+                    if (row["configuration"], row["model"]) == key)
+        efficiency = rate / (int(gpus) * alone) if rate and alone else None
+        rows.append({"configuration": key[0], "model": key[1], "gpus": int(gpus), "images_per_second": rate,
+                     "efficiency": efficiency})
+        print(f"| {key[0]} | {key[1]} | {gpus} | {rate or 0:.0f} | " +
+              (f"{efficiency:.2f} |" if efficiency else "- |"))
+json.dump({"rows": rows, "tables": tables}, open(f"{log_dir}/scaling.json", "w"), indent=2)
 PY
 fi
 if [ "$PART" = model_parallel ]; then

@@ -52,6 +52,17 @@ def test_offloaded_training_resumes_after_a_kill(tmp_path, plugin, offload):
     assert resumed["config"]["offload"] == offload
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs or more")
+@pytest.mark.parametrize("plugin", ["torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel"])
+def test_every_plugin_resumes_after_a_kill_on_every_gpu_of_the_machine(tmp_path, plugin):
+    """Data-parallel over all the machine's GPUs (2, 4 or 8) at one GPU's global batch of 32: killed and resumed, the
+    same run as an uninterrupted one, every image evaluated once."""
+    gpus = torch.cuda.device_count()
+    resumed = check_resume_after_a_kill(tmp_path, f"{plugin}_{gpus}_gpus", PLUGIN=plugin, GPUNUM=gpus, BS=32 // gpus)
+    assert resumed["config"]["world_size"] == resumed["config"]["data_parallel_size"] == gpus
+    assert resumed["epochs"][-1]["validation"]["num_examples"] == 133 and resumed["test"]["num_examples"] == 128
+
+
 def check_resume_after_a_kill(tmp_path, name, **settings):
     """Kills a 2-epoch run (64 steps) after its first checkpoint, resumes it, and compares it with an uninterrupted
     run. On a fast plugin the run may write another checkpoint before the kill lands: it resumes from the latest."""
