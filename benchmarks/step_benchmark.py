@@ -8,8 +8,9 @@ pipeline-parallel GPUs, `hybrid_parallel/tp2/pp2` (a batch is then each data-par
 training LoRA adapters over its frozen weights held in 16 or 4 bits, `plugin+lora` or `plugin+qlora`. The
 references are a plain PyTorch model with bf16 autocast, SDPA attention and fused AdamW, eager and compiled
 (torch_compile_max_autotune also autotunes the matrix multiplications: about 4.5 minutes of warm-up for ViT-B/16,
-so it runs only when asked for); they run in single-process invocations only, as does DeepSpeed ZeRO-2 or ZeRO-3 with offload (deepspeed_zero2_offload,
-deepspeed_zero3_offload), the peer a user would pick instead to train a model larger than the GPU, if installed.
+so it runs only when asked for); they run in single-process invocations only, as does DeepSpeed ZeRO-2 or ZeRO-3
+with offload (deepspeed_zero2_offload, deepspeed_zero3_offload), the peer a user would pick instead to train a model
+larger than the GPU, if installed.
 
 --largest is the memory mode: for each configuration, the sizes of --model_sizes from the largest down, each in a
 process of its own (so that each has its own peak host memory, and running out spoils nothing), until one trains
