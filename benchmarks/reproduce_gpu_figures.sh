@@ -36,7 +36,8 @@
 # model_parallel (GPUNUM GPUs, 2 or more): a ViT that plain data parallelism cannot hold on one GPU (MP_SIZE, 12B/14:
 # 16 bytes a parameter is 192 GB) split by hybrid_parallel over the tensor- and pipeline-parallel layouts of 2 and 4
 # GPUs that divide GPUNUM, beside gemini without and with its optimizer offloaded, data-parallel over the same GPUs,
-# at batch 32 a data-parallel group, recomputing activations; into LOG_DIR/model_parallel.json.
+# at batch 32 a data-parallel group, recomputing activations, each configuration launched alone (one that fails is
+# named and the rest go on); into LOG_DIR/model_parallel.json.
 # checkpoints: the seconds each checkpoint stalls training and where they go (benchmarks/checkpoint_benchmark.py,
 # 25 functions of its profile): ViT-B/16 with torch_ddp and gemini, and ViT-G/14 with gemini OFFLOAD=all under the
 # cap, each written into a folder of its own under CHECKPOINT_DIR (default: under RUN_ROOT).
@@ -460,13 +461,39 @@ json.dump({"rows": rows, "tables": tables}, open(f"{log_dir}/scaling.json", "w")
 PY
 fi
 if [ "$PART" = model_parallel ]; then
-  configurations=gemini,gemini:optimizer
+  configurations=(gemini gemini:optimizer)
   for layout_and_gpus in tp2:2 tp4:4 pp2:2 pp4:4 tp2/pp2:4; do  # the layouts whose GPUs divide GPUNUM
-    if [ $((GPUNUM % ${layout_and_gpus#*:})) = 0 ]; then configurations+=,hybrid_parallel/${layout_and_gpus%:*}; fi
+    if [ $((GPUNUM % ${layout_and_gpus#*:})) = 0 ]; then configurations+=("hybrid_parallel/${layout_and_gpus%:*}"); fi
   done
   python3 -c "$BUILD_KERNELS" >/dev/null
-  step_table model_parallel GPUNUM="$GPUNUM" GRAD_CHECKPOINT=1 STEPS=5 WARMUP_STEPS=2 BATCH_SIZES=32 \
-    MODEL_SIZES="${MP_SIZE:-12B/14}" CONFIGURATIONS=$configurations
+  # each configuration in a launch of its own: one that runs out of host memory ends only itself
+  for configuration in "${configurations[@]}"; do
+    step_table "model_parallel_${configuration//[:\/]/_}" GPUNUM="$GPUNUM" GRAD_CHECKPOINT=1 STEPS=5 WARMUP_STEPS=2 \
+      BATCH_SIZES=32 MODEL_SIZES="${MP_SIZE:-12B/14}" CONFIGURATIONS="$configuration" ||
+      echo "$configuration: failed; its output is in $LOG_DIR/model_parallel_${configuration//[:\/]/_}.log"
+  done
+python3 - "$LOG_DIR" "${configurations[@]}" <<'PY'
+import json
+import os
+import re
+import sys
+
+log_dir, *configurations = sys.argv[1:]
+rows = []
+for configuration in configurations:
+    path = os.path.join(log_dir, f"model_parallel_{re.sub('[:/]', '_', configuration)}.json")
+    rows += json.load(open(path))["rows"] if os.path.exists(path) else [
+        {"configuration": configuration, "result": "failed (see its log)"}]
+print("| configuration | GPUs | batch per data-parallel group | result | images/s | MFU | peak GPU GiB | peak host GiB |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for row in rows:
+    figures = [format(row[key], spec) if row.get(key) is not None else "-"
+               for key, spec in (("images_per_second", ".1f"), ("mfu", ".1%"), ("peak_gib", ".2f"),
+                                 ("peak_host_gib", ".2f"))]
+    print(f"| {row['configuration']} | {row.get('gpus', '-')} | {row.get('batch_size_per_gpu', '-')} | "
+          f"{row['result']} | " + " | ".join(figures) + " |")
+json.dump({"rows": rows}, open(os.path.join(log_dir, "model_parallel.json"), "w"), indent=2)
+PY
 fi
 if [ "$PART" = checkpoints ]; then
   python3 -c "$BUILD_KERNELS" >/dev/null
