@@ -146,10 +146,11 @@ def save_unpadded_classifier(output_path, labels):
     weight_map = json.load(open(os.path.join(output_path, "model.safetensors.index.json")))["weight_map"]
     for file in {weight_map["classifier.weight"], weight_map["classifier.bias"]}:
         tensors = load_file(os.path.join(output_path, file))
-        for name in ("classifier.weight", "classifier.bias"):
-            if name in tensors:
-                tensors[name] = tensors[name][:labels].clone()
-        save_file(tensors, os.path.join(output_path, file), metadata={"format": "pt"})
+        padded = [name for name in ("classifier.weight", "classifier.bias") if len(tensors.get(name, ())) > labels]
+        for name in padded:
+            tensors[name] = tensors[name][:labels].clone()
+        if padded:  # a shard without padding (labels a multiple of the tensor-parallel size) stays as written
+            save_file(tensors, os.path.join(output_path, file), metadata={"format": "pt"})
 
 
 def with_lora(model, booster, rank, alpha, dropout, target_modules, quantize=False, autocast_dtype=None):

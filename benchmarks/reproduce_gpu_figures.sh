@@ -455,7 +455,7 @@ for key, alone in one_gpu.items():
         efficiency = rate / (int(gpus) * alone) if rate and alone else None
         rows.append({"configuration": key[0], "model": key[1], "gpus": int(gpus), "images_per_second": rate,
                      "efficiency": efficiency})
-        print(f"| {key[0]} | {key[1]} | {gpus} | {rate or 0:.0f} | " +
+        print(f"| {key[0]} | {key[1]} | {gpus} | " + (f"{rate:.0f}" if rate else "-") + " | " +
               (f"{efficiency:.2f} |" if efficiency else "- |"))
 json.dump({"rows": rows, "tables": tables}, open(f"{log_dir}/scaling.json", "w"), indent=2)
 PY
@@ -467,23 +467,25 @@ if [ "$PART" = model_parallel ]; then
   done
   python3 -c "$BUILD_KERNELS" >/dev/null
   # each configuration in a launch of its own: one that runs out of host memory ends only itself
+  tables=()  # configuration=its table's name, for the summary
   for configuration in "${configurations[@]}"; do
-    step_table "model_parallel_${configuration//[:\/]/_}" GPUNUM="$GPUNUM" GRAD_CHECKPOINT=1 STEPS=5 WARMUP_STEPS=2 \
-      BATCH_SIZES=32 MODEL_SIZES="${MP_SIZE:-12B/14}" CONFIGURATIONS="$configuration" ||
-      echo "$configuration: failed; its output is in $LOG_DIR/model_parallel_${configuration//[:\/]/_}.log"
+    name=model_parallel_${configuration//[:\/]/_}
+    tables+=("$configuration=$name")
+    step_table "$name" GPUNUM="$GPUNUM" GRAD_CHECKPOINT=1 STEPS=5 WARMUP_STEPS=2 BATCH_SIZES=32 \
+      MODEL_SIZES="${MP_SIZE:-12B/14}" CONFIGURATIONS="$configuration" ||
+      echo "$configuration: failed; its output is in $LOG_DIR/$name.log"
   done
-python3 - "$LOG_DIR" "${configurations[@]}" <<'PY'
+python3 - "$LOG_DIR" "${tables[@]}" <<'PY'
 import json
 import os
-import re
 import sys
 
-log_dir, *configurations = sys.argv[1:]
+log_dir, *tables = sys.argv[1:]
 rows = []
-for configuration in configurations:
-    path = os.path.join(log_dir, f"model_parallel_{re.sub('[:/]', '_', configuration)}.json")
+for configuration, name in (table.split("=") for table in tables):
+    path = os.path.join(log_dir, f"{name}.json")
     rows += json.load(open(path))["rows"] if os.path.exists(path) else [
-        {"configuration": configuration, "result": "failed (see its log)"}]
+        {"configuration": configuration, "result": f"failed (see {name}.log)"}]
 print("| configuration | GPUs | batch per data-parallel group | result | images/s | MFU | peak GPU GiB | peak host GiB |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for row in rows:
