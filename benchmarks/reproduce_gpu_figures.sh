@@ -16,7 +16,7 @@
 # largest (about 17 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT of g/14, e/14
 # and 6.5B/14 (step_benchmark.py --largest): gemini OFFLOAD=all, DeepSpeed ZeRO-3- and ZeRO-2-Offload (if installed),
 # plain PyTorch, and each plugin without offload.
-# largest_vit_g (about 10 minutes): the offloading configurations at ViT-G/14 under the same cap, at batch 32.
+# largest_vit_g (about 6 minutes): the offloading configurations at ViT-G/14 under the same cap, at batch 32.
 # fastest (about 17 minutes): under the same cap, the offloading configurations at growing batches until one does not
 # fit (step_benchmark.py --fastest): 6.5B/14 with gemini OFFLOAD=all and DeepSpeed ZeRO-3-Offload at 32, 128 and 192
 # (128 peaked at 14.56 GiB of GPU memory, 32 at 3.93), ViT-G/14 with gemini OFFLOAD=optimizer and DeepSpeed
@@ -27,7 +27,7 @@
 # against gemini OFFLOAD=optimizer, 6.5B/14 against OFFLOAD=all (the step benchmark); then lora_runs.
 # lora_runs: LoRA through run_finetuning.sh under the cap at each of LORA_RUN_SIZES (G/14 6.5B/14), two epochs of
 # DATASET (the second's rate is the steady one), each model of random weights with MODEL's image processor.
-# accuracy (about 6 minutes): the recipes of the report's accuracy table, each over ACCURACY_SEEDS (0,1,2) through
+# accuracy (about 10 minutes): the recipes of the report's accuracy table, each over ACCURACY_SEEDS (0,1,2) through
 # experiments/run_seeds.sh with torch_ddp, and the upstream example's grid (experiments/run_sweep.sh, gemini),
 # ACCURACY_JOBS (3) of them at once on the GPU (accuracy only: no timing is taken); into LOG_DIR/accuracy.json.
 # scaling (GPUNUM GPUs, 2 or more): the step benchmark data-parallel over 1, 2, 4, ... up to GPUNUM GPUs: torch_ddp,
@@ -427,6 +427,8 @@ for recipe in recipes:
           f"{test['median']:.4f} ({test['mean']:.4f}) |")
 json.dump(summary, open(summary_path, "w"), indent=2)
 PY
+  echo
+  grep '^|' "$LOG_DIR/accuracy_upstream_grid.log"  # the grid's table, as run_sweep.sh printed it
 fi
 if [ "$PART" = scaling ]; then
   python3 -c "$BUILD_KERNELS" >/dev/null

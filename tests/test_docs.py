@@ -183,3 +183,30 @@ def test_the_checkpoint_table_is_its_raw_data():
         expected.append([table["configuration"], table["model"], "Colossal-AI's booster", f"{peer['gib']:.2f}",
                          f"{peer['seconds']:.2f}", "-", "-", "-"])
     assert table_rows(report_section("Checkpoints")) == expected
+
+
+def test_the_vit_g_table_is_its_raw_data():
+    """Each row of the report's ViT-G/14 table holds what vit_g.json keeps, the ratio taken against DeepSpeed's row."""
+    import json
+    rows = json.loads((REPORT.parent / "vit_g.json").read_text())["rows"]
+    peer = next(row for row in rows if row["configuration"] == "deepspeed_zero2_offload")
+    expected = [[row["configuration"], row["result"], f"{row['images_per_second']:.1f}",
+                 f"{row['images_per_second'] / peer['images_per_second']:.2f}x", f"{row['step_ms']:.0f}",
+                 f"{row['model_tflops_per_second']:.1f}", f"{row['mfu']:.1%}", f"{row['peak_gib']:.2f}",
+                 f"{row['peak_host_gib']:.2f}"] for row in rows]
+    assert table_rows(report_section("Largest model").split("### ViT-G/14")[1]) == expected
+
+
+def test_the_accuracy_tables_are_their_raw_data():
+    """The report's recipe table holds the medians and means accuracy.json keeps for each recipe over its seeds, and
+    its upstream-grid table each run of the grid."""
+    import json
+    summary = json.loads((REPORT.parent / "accuracy.json").read_text())
+    expected = [[name, recipe["settings"] or "-",
+                 f"{recipe['final validation']['median']:.4f} ({recipe['final validation']['mean']:.4f})",
+                 f"{recipe['final test']['median']:.4f} ({recipe['final test']['mean']:.4f})"]
+                for name, recipe in summary["recipes"].items()]
+    expected += [[str(run["batch_size"]), f"{run['learning_rate']:g}", f"{run['train_loss']:.4f}",
+                  f"{run['validation']['loss']:.4f}", f"{run['validation']['accuracy']:.4f}",
+                  f"{run['test']['loss']:.4f}", f"{run['test']['accuracy']:.4f}"] for run in summary["upstream_grid"]]
+    assert table_rows(report_section("Accuracy")) == expected
