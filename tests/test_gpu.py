@@ -1,11 +1,11 @@
 """Every plugin on one GPU with the published settings: real beans, pretrained DeiT-tiny, all 133 validation images.
 
-Skipped without a CUDA GPU. GPU_RESULTS_DIR, if set, receives each run's results.json as <plugin>.json.
+Skipped without a CUDA GPU. GPU_RESULTS_DIR, if set, receives each run's results.json as <plugin>.json, and each
+resume test's figures as resume_<name>.json.
 """
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,13 +20,20 @@ from test_reliability import kill_job, metrics, run_to_end, start_run, wait_for
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+def keep_result(name, text):
+    """Writes `text` to GPU_RESULTS_DIR/<name>.json, the folder made if need be, when GPU_RESULTS_DIR is set."""
+    if os.environ.get("GPU_RESULTS_DIR"):
+        results_dir = Path(os.environ["GPU_RESULTS_DIR"])
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / f"{name}.json").write_text(text)
+
+
 @pytest.mark.parametrize("plugin", ["torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel"])
 def test_plugin_reaches_published_accuracy_on_one_gpu(tmp_path, plugin):
     output_path = tmp_path / "model"
     run, results = run_finetuning(output_path, gpu=True, PLUGIN=plugin, GPUNUM=1, DATASET=BEANS_DIR, BS=32, LR=1e-4,
                                   EPOCH=5, WEIGHT_DECAY=0.5, WARMUP_RATIO=0.3)
-    if os.environ.get("GPU_RESULTS_DIR"):
-        shutil.copy(output_path / "results.json", os.path.join(os.environ["GPU_RESULTS_DIR"], f"{plugin}.json"))
+    keep_result(plugin, (output_path / "results.json").read_text())
     check_schema(results, num_epoch=5)
     assert results["config"]["plugin"] == plugin and results["config"]["device"].startswith("cuda")
     # said once, before the booster is built (gemini's optimizer swaps stdout while it is)
@@ -76,10 +83,7 @@ def check_resume_after_a_kill(tmp_path, name, **settings):
     output, resumed = run_to_end(BEANS_DIR, output_path, RESUME="latest", **settings)
     resumed_from = re.search(r"resuming from .*/step_(\d+): epoch \d, step \d+ of 32", output)
     assert resumed_from and int(resumed_from.group(1)) < 64, output  # mid-run, with steps still to train
-    if os.environ.get("GPU_RESULTS_DIR"):
-        Path(os.environ["GPU_RESULTS_DIR"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["GPU_RESULTS_DIR"]) / f"resume_{name}.json").write_text(
-            json.dumps({"uninterrupted": metrics(uninterrupted), "resumed": metrics(resumed)}))
+    keep_result(f"resume_{name}", json.dumps({"uninterrupted": metrics(uninterrupted), "resumed": metrics(resumed)}))
     assert resumed["data"]["mode"] == uninterrupted["data"]["mode"]
     # each checkpoint holds the fp32 master weights (gemini's through its own IO, the others' beside the model):
     # the resumed run is the same run
