@@ -71,8 +71,14 @@ SIZES = {"tiny": (64, 2, 128, 2, 8), "B/16": (768, 12, 3072, 12, 16), "L/16": (1
 # NVIDIA's datasheet peaks of dense bf16 matrix maths per GPU, which model FLOPs utilisation is measured against
 BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
-Configuration = collections.namedtuple("Configuration",
-                                       "setup plugin offload fraction tp_size pp_size adapters precision parts")
+class Configuration(collections.namedtuple("Configuration",
+                                           "setup plugin offload fraction tp_size pp_size adapters precision parts")):
+    @property
+    def split_over(self):
+        """The GPUs one copy of the model is split over, tensor- and pipeline-parallel."""
+        return self.tp_size * self.pp_size
+
+
 ADAPTERS = ("", "lora", "qlora")
 LORA_RANK = 16  # on the attention's query and value, the training script's default targets
 
@@ -149,7 +155,7 @@ def parse_args():
         plugin = configuration.setup not in REFERENCES + PEERS
         if (plugin and (configuration.plugin not in PLUGINS or configuration.offload not in OFFLOADS
                         or configuration.parts > 3) or configuration.precision not in ("", "bf16", "fp16")
-                or configuration.tp_size is None or configuration.tp_size * configuration.pp_size > 1
+                or configuration.tp_size is None or configuration.split_over > 1
                 and not (plugin and configuration.plugin in PLUGINS and PLUGINS[configuration.plugin].model_parallel)
                 or configuration.adapters not in ADAPTERS or configuration.adapters and not plugin):
             parser.error(f"unknown configuration {name}; choose from {', '.join((*REFERENCES, *PLUGINS, *PEERS))}; a "
@@ -157,10 +163,10 @@ def parse_args():
                          f"{', '.join(OFFLOADS)}, hybrid_parallel its tensor- and pipeline-parallel sizes as /tpN "
                          "and /ppN, LoRA adapters as +lora or +qlora, and a plugin or DeepSpeed its precision, @bf16 "
                          "or @fp16")
-        split_over = configuration.tp_size * configuration.pp_size
-        if world_size % split_over:
-            parser.error(f"configuration {name} splits the model over {split_over} GPUs, which do not divide the "
-                         f"{world_size} it runs on; run it on a multiple of {split_over} (GPUNUM)")
+        if world_size % configuration.split_over:
+            parser.error(f"configuration {name} splits the model over {configuration.split_over} GPUs, which do not "
+                         f"divide the {world_size} it runs on; run it on a multiple of {configuration.split_over} "
+                         "(GPUNUM)")
         for size in args.model_sizes:
             if error := layout_error(vit_config(size), configuration.tp_size, configuration.pp_size, f"ViT-{size}"):
                 parser.error(f"configuration {name}: {error}")
@@ -386,9 +392,8 @@ def time_configurations(args):
             eager_images_per_second = None
             for name in configurations:
                 seconds, peak_gib, resident_gib = measure(name, size, batch_size, args, device)
-                configuration = parse_configuration(name)  # a batch a data-parallel rank, each of split_over GPUs
-                split_over = configuration.tp_size * configuration.pp_size
-                images_per_second = batch_size * world_size // split_over / seconds if seconds else None
+                data_parallel_ranks = world_size // parse_configuration(name).split_over  # a batch each
+                images_per_second = batch_size * data_parallel_ranks / seconds if seconds else None
                 if name == "torch":
                     eager_images_per_second = images_per_second
                 # LoRA's frozen weights skip their gradients' products: its model FLOPs are not these
