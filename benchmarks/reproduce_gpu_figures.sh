@@ -13,7 +13,7 @@
 # through `pipeline` against the example's own input path, benchmarks/serving_agreement.py).
 # modes: full fine-tuning beside IMAGE_SIZE=384, LORA_RANK=16 and GRAD_ACCUM=4 at BS=8, over 3 seeds (MODES_SEEDS):
 # images/s, trained parameters and accuracy, into LOG_DIR/modes.json.
-# largest (about 17 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT of g/14, e/14
+# largest (about 12 minutes): under a GPU memory cap of CAP_GIB (24), each configuration's largest ViT of g/14, e/14
 # and 6.5B/14 (step_benchmark.py --largest): gemini OFFLOAD=all, DeepSpeed ZeRO-3- and ZeRO-2-Offload (if installed),
 # plain PyTorch, and each plugin without offload.
 # largest_vit_g (about 6 minutes): the offloading configurations at ViT-G/14 under the same cap, at batch 32.

@@ -185,6 +185,19 @@ def test_the_checkpoint_table_is_its_raw_data():
     assert table_rows(report_section("Checkpoints")) == expected
 
 
+def test_the_largest_model_table_is_its_raw_data():
+    """Each row of the report's largest-model table holds what largest.json keeps, figures only where a size trains."""
+    import json
+    expected = []
+    for row in json.loads((REPORT.parent / "largest.json").read_text())["rows"]:
+        figures = ["-"] * 7 if row["result"] != "trains" else [
+            f"{row['images_per_second']:.1f}", f"{row['step_ms']:.0f}", f"{row['model_tflops_per_second']:.1f}",
+            f"{row['mfu']:.1%}", f"{row['peak_gib']:.2f}", f"{row['resident_gib']:.2f}", f"{row['peak_host_gib']:.2f}"]
+        expected.append([row["configuration"], row["model"], f"{row['parameters'] / 1e9:.2f}B", row["result"],
+                         *figures])
+    assert table_rows(report_section("Largest model").split("### ViT-G/14")[0]) == expected
+
+
 def test_the_vit_g_table_is_its_raw_data():
     """Each row of the report's ViT-G/14 table holds what vit_g.json keeps, the ratio taken against DeepSpeed's row."""
     import json
