@@ -43,6 +43,34 @@ def test_every_relative_link_leads_to_a_file(page):
     assert not broken, f"{page.name} links to what does not exist: {broken}"
 
 
+def test_the_end_to_end_table_is_its_raw_data():
+    """Each row of the report's end-to-end table holds what end_to_end.json keeps: the median run's wall time (the
+    ratios taken against the recipe's two rows) and that run's own figures."""
+    import json
+    summary = json.loads((REPORT.parent / "end_to_end.json").read_text())
+    recipe_wall, saving_wall = summary["recipe"]["wall_seconds"], summary["recipe_saving"]["wall_seconds"]
+
+    def walls(run):
+        repeats = run["all_wall_seconds"].values()
+        spread = f"{min(repeats):.1f}-{max(repeats):.1f}" if len(repeats) > 1 else ""
+        return (f"{run['wall_seconds']:.1f} | {spread} | "
+                f"{run['wall_seconds'] / recipe_wall:.2f}x | {run['wall_seconds'] / saving_wall:.2f}x")
+    expected = [f"| {title} | 1 | {walls(summary[name])} | {summary[name]['setup_seconds']:.1f} | "
+                f"{summary[name]['train_seconds']:.1f} ({included} included) | | | | | "
+                f"{summary[name]['validation_accuracy']:.4f} | {summary[name]['test_accuracy']:.4f} |"
+                for name, title, included in (("recipe", "Hugging Face recipe, writing nothing", "evaluation"),
+                                              ("recipe_saving", "Hugging Face recipe, saving as the example does",
+                                               "evaluation and checkpoints"))]
+    for plugin, run in summary["plugins"].items():
+        seconds = run["seconds"]
+        parts = ", ".join(f"{part:.1f}" for part in seconds["setup_parts"].values())
+        expected.append(f"| {plugin} | {run['config']['world_size']} | {walls(run)} | "
+                        f"{seconds['setup']:.1f}: {parts} | {seconds['train']:.1f} | {seconds['data_wait']:.2f} | "
+                        f"{seconds['evaluation']:.1f} | {seconds['checkpoints']:.1f} | {run['wall_seconds'] - seconds['total']:.1f} | "
+                        f"{run['epochs'][-1]['validation']['accuracy']:.4f} | {run['test']['accuracy']:.4f} |")
+    assert table_rows(report_section("End to end")) == table_rows("\n".join(expected))
+
+
 def test_the_streaming_table_is_its_raw_data():
     """Each row of the report's streaming table holds the figures streaming.json keeps for that run."""
     import json
