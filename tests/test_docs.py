@@ -1,5 +1,6 @@
 """The README and the pages under docs/ quote every measured figure from the benchmark report, so that two answers
 to one question cannot appear, and every link between them leads somewhere."""
+import json
 import re
 
 import pytest
@@ -46,7 +47,6 @@ def test_every_relative_link_leads_to_a_file(page):
 def test_the_end_to_end_table_is_its_raw_data():
     """Each row of the report's end-to-end table holds what end_to_end.json keeps: the median run's wall time (the
     ratios taken against the recipe's two rows) and that run's own figures."""
-    import json
     summary = json.loads((REPORT.parent / "end_to_end.json").read_text())
     recipe_wall, saving_wall = summary["recipe"]["wall_seconds"], summary["recipe_saving"]["wall_seconds"]
 
@@ -66,14 +66,14 @@ def test_the_end_to_end_table_is_its_raw_data():
         parts = ", ".join(f"{part:.1f}" for part in seconds["setup_parts"].values())
         expected.append(f"| {plugin} | {run['config']['world_size']} | {walls(run)} | "
                         f"{seconds['setup']:.1f}: {parts} | {seconds['train']:.1f} | {seconds['data_wait']:.2f} | "
-                        f"{seconds['evaluation']:.1f} | {seconds['checkpoints']:.1f} | {run['wall_seconds'] - seconds['total']:.1f} | "
+                        f"{seconds['evaluation']:.1f} | {seconds['checkpoints']:.1f} | "
+                        f"{run['wall_seconds'] - seconds['total']:.1f} | "
                         f"{run['epochs'][-1]['validation']['accuracy']:.4f} | {run['test']['accuracy']:.4f} |")
     assert table_rows(report_section("End to end")) == table_rows("\n".join(expected))
 
 
 def test_the_streaming_table_is_its_raw_data():
     """Each row of the report's streaming table holds the figures streaming.json keeps for that run."""
-    import json
     runs = json.loads((REPORT.parent / "streaming.json").read_text())["runs"]
     section = report_section("Streaming")
     rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in section.splitlines()
@@ -88,7 +88,6 @@ def test_the_streaming_table_is_its_raw_data():
 
 def test_the_modes_table_is_its_raw_data():
     """Each row of the report's fine-tuning modes table holds the means over seeds that modes.json keeps."""
-    import json
     import statistics
     modes = json.loads((REPORT.parent / "modes.json").read_text())
     section = report_section("Fine-tuning modes")
@@ -105,7 +104,6 @@ def test_the_modes_table_is_its_raw_data():
 def test_the_lora_table_is_its_raw_data():
     """Each row of the report's LoRA and QLoRA table holds what lora_largest.json keeps for that configuration and
     size."""
-    import json
     rows = json.loads((REPORT.parent / "lora_largest.json").read_text())["rows"]
     section = report_section("LoRA and QLoRA on large models").split("\n### ")[0]
     printed = [line.strip("| ").split(" | ") for line in section.splitlines() if line.startswith("| torch_ddp")]
@@ -121,7 +119,6 @@ def test_the_lora_table_is_its_raw_data():
 def test_the_lora_speed_table_is_its_raw_data():
     """Each row of the report's table of LoRA against full fine-tuning with offload holds what
     lora_speed_<size>.json keeps, the ratio taken against the full fine-tuning of that file."""
-    import json
     section = report_section("LoRA and QLoRA on large models").split("### LoRA against full fine-tuning with offload")[1]
     section = section.split("Through `run_finetuning.sh`")[0]
     printed = table_rows(section)
@@ -140,7 +137,6 @@ def test_the_lora_speed_table_is_its_raw_data():
 
 def test_the_lora_run_table_is_its_raw_data():
     """Each row of the report's table of LoRA through run_finetuning.sh holds what lora_run_finetuning.json keeps."""
-    import json
     runs = json.loads((REPORT.parent / "lora_run_finetuning.json").read_text())
     section = report_section("LoRA and QLoRA on large models").split("Through `run_finetuning.sh`")[1]
     printed = table_rows(section)
@@ -151,7 +147,6 @@ def test_the_lora_run_table_is_its_raw_data():
 
 
 def test_the_startup_table_is_its_raw_data():
-    import json
     variants = json.loads((REPORT.parent / "startup.json").read_text())["variants"]
     section = report_section("Start-up")
     printed = table_rows(section)
@@ -166,7 +161,6 @@ def test_the_startup_table_is_its_raw_data():
 def test_the_training_steps_table_is_its_raw_data():
     """Each row of the report's training-steps table holds what steps.json keeps, and the GPU time its profile in
     steps_profiles/ measured."""
-    import json
     expected = []
     for row in json.loads((REPORT.parent / "steps.json").read_text())["rows"]:
         profile = REPORT.parent / "steps_profiles" / f"{row['configuration']}_B_16_b{row['batch_size_per_gpu']}.txt"
@@ -179,7 +173,6 @@ def test_the_training_steps_table_is_its_raw_data():
 def test_the_fastest_batch_table_is_its_raw_data():
     """Each row of the report's table of offloaded training at its fastest batch holds what fastest_<size>.json keeps,
     the ratio taken against the same configuration's smallest batch; a row that did not train has no figures."""
-    import json
     expected = []
     for size in ("vit_g", "6.5b"):
         smallest_batch = {}
@@ -197,7 +190,6 @@ def test_the_fastest_batch_table_is_its_raw_data():
 def test_the_checkpoint_table_is_its_raw_data():
     """Each row of the report's checkpoint table holds what checkpoint_<configuration>_<size>.json keeps: each
     checkpoint the example wrote, then Colossal-AI's booster saving the same state."""
-    import json
     expected = []
     for name in ("torch_ddp_B_16", "gemini_B_16", "gemini_all_G_14"):
         table = json.loads((REPORT.parent / f"checkpoint_{name}.json").read_text())
@@ -215,7 +207,6 @@ def test_the_checkpoint_table_is_its_raw_data():
 
 def test_the_largest_model_table_is_its_raw_data():
     """Each row of the report's largest-model table holds what largest.json keeps, figures only where a size trains."""
-    import json
     expected = []
     for row in json.loads((REPORT.parent / "largest.json").read_text())["rows"]:
         figures = ["-"] * 7 if row["result"] != "trains" else [
@@ -228,7 +219,6 @@ def test_the_largest_model_table_is_its_raw_data():
 
 def test_the_vit_g_table_is_its_raw_data():
     """Each row of the report's ViT-G/14 table holds what vit_g.json keeps, the ratio taken against DeepSpeed's row."""
-    import json
     rows = json.loads((REPORT.parent / "vit_g.json").read_text())["rows"]
     peer = next(row for row in rows if row["configuration"] == "deepspeed_zero2_offload")
     expected = [[row["configuration"], row["result"], f"{row['images_per_second']:.1f}",
@@ -241,7 +231,6 @@ def test_the_vit_g_table_is_its_raw_data():
 def test_the_accuracy_tables_are_their_raw_data():
     """The report's recipe table holds the medians and means accuracy.json keeps for each recipe over its seeds, and
     its upstream-grid table each run of the grid."""
-    import json
     summary = json.loads((REPORT.parent / "accuracy.json").read_text())
     expected = [[name, recipe["settings"] or "-",
                  f"{recipe['final validation']['median']:.4f} ({recipe['final validation']['mean']:.4f})",
